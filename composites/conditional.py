@@ -1,0 +1,129 @@
+"""Conditional composite: a router picks which branch runs, for the batch or per sample."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._util import named_modules_from, register_children
+from .routing import dispatch_top_k, load_balancing_loss
+
+Router = Callable[..., "str | Tensor"]
+
+
+class Conditional(nn.Module):
+    """Route the input to one branch for the whole batch, or to the top-k branches per sample.
+
+    The router is asked through :meth:`route` (the subclass override point), which returns
+    either a branch name (the whole batch goes there) or per-sample scores of shape
+    ``(batch, branches)``. With scores, each sample runs only through its ``top_k`` branches
+    (gathered, run once per branch, scattered back) and each output is weighted by its softmax
+    gate probability, so the gate learns. ``active_branches`` names the branches that ran in
+    the last forward; the gradient guard treats the others as routed out on purpose.
+
+    Args:
+        branches: mapping name -> ``nn.Module``; all branches give outputs of one shape.
+        router: a callable returning a branch name (a function, or an ``nn.Module`` such as a
+            rule with parameters), an ``nn.Module`` returning scores ``(batch, branches)``, or
+            ``None`` when the caller names the branch: ``model(x, route="small")``. A module
+            router is registered as the child ``router``.
+        top_k: branches per sample in score routing.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> by_name = Conditional({"small": nn.Identity(), "big": nn.Linear(2, 2)}, router=None)
+        >>> by_name(torch.ones(1, 2), route="small").tolist()
+        [[1.0, 1.0]]
+        >>> gate = nn.Linear(2, 2)
+        >>> experts = Conditional({"a": nn.Linear(2, 3), "b": nn.Linear(2, 3)}, router=gate)
+        >>> experts(torch.randn(5, 2)).shape
+        torch.Size([5, 3])
+        >>> sorted(experts.active_branches) == sorted(set(experts.active_branches))
+        True
+    """
+
+    def __init__(self, branches: Mapping[str, nn.Module], router: Router | nn.Module | None, top_k: int = 1):
+        super().__init__()
+        self.branch_names = register_children(
+            self, named_modules_from(branches, "branch"), "branch",
+            reserved=("branch_names", "router", "_route_fn", "top_k", "active_branches", "_gate"),
+        )
+        if not 1 <= top_k <= len(self.branch_names):
+            raise ValueError(f"top_k={top_k} must be between 1 and the number of branches ({len(self.branch_names)})")
+        if router is not None and not callable(router):
+            raise TypeError(f"router must be callable (a function or nn.Module) or None, got {type(router).__name__}")
+        self._route_fn = None if isinstance(router, nn.Module) else router
+        if isinstance(router, nn.Module):
+            self.router = router
+        self.top_k = top_k
+        self.active_branches: tuple[str, ...] = ()
+        self._ran_since_check: set[str] = set()  # drained by GradientGuard: what ran since its last check
+        self._gate: tuple[Tensor, Tensor] | None = None  # (probs, chosen) of the last score routing
+
+    def route(self, x: Any, *args: Any, **kwargs: Any) -> str | Tensor:
+        """A branch name for the whole batch, or scores ``(batch, branches)`` (override point)."""
+        router = self._modules["router"] if "router" in self._modules else self._route_fn
+        if router is None:
+            raise ValueError(
+                f"Conditional has no router: pass route=<branch> in the call, one of {list(self.branch_names)}"
+            )
+        return router(x, *args, **kwargs)
+
+    def forward(self, x: Any, *args: Any, route: str | None = None, **kwargs: Any) -> Any:
+        decision = route if route is not None else self.route(x, *args, **kwargs)
+        if isinstance(decision, str):
+            return self._run_branch(decision, x, args, kwargs)
+        batch = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else None
+        if (
+            not isinstance(decision, Tensor)
+            or decision.dim() != 2
+            or decision.shape[1] != len(self.branch_names)
+            or (batch is not None and decision.shape[0] != batch)
+        ):
+            got = tuple(decision.shape) if isinstance(decision, Tensor) else type(decision).__name__
+            raise ValueError(
+                f"route() must return a branch name or scores of shape ({batch or 'batch'}, {len(self.branch_names)}) "
+                f"for branches {list(self.branch_names)}; got {got}"
+            )
+        branches = [self._modules[name] for name in self.branch_names]
+        out, probs, chosen, ran = dispatch_top_k(branches, decision, x, self.top_k)
+        self.active_branches = tuple(self.branch_names[i] for i in ran)
+        self._ran_since_check.update(self.active_branches)
+        self._gate = (probs, chosen)
+        return out
+
+    def _run_branch(self, name: str, x: Any, args: tuple, kwargs: dict) -> Any:
+        if name not in self.branch_names:
+            raise KeyError(f"unknown branch '{name}': this Conditional has {list(self.branch_names)}")
+        self.active_branches = (name,)
+        self._ran_since_check.add(name)
+        self._gate = None
+        return self._modules[name](x, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        # The last gate (probs, chosen) is part of the autograd graph: non-leaf tensors cannot be
+        # deep-copied or pickled, so a copy starts without it (like a fresh module).
+        state = super().__getstate__()
+        state["_gate"] = None
+        return state
+
+    def load_balancing_loss(self) -> Tensor:
+        """Switch-Transformer auxiliary loss of the last score-routed forward (1.0 when balanced).
+
+        Add a small multiple of it to the training loss, e.g. ``loss + 0.01 * aux``.
+        """
+        if self._gate is None:
+            raise RuntimeError("load_balancing_loss() needs a forward with score routing (a gate module) first")
+        probs, chosen = self._gate
+        return load_balancing_loss(probs, chosen)
+
+    def extra_repr(self) -> str:
+        route_fn = getattr(self, "_route_fn", None)
+        how = "router=module" if "router" in self._modules else (
+            f"router={getattr(route_fn, '__name__', type(route_fn).__name__)}" if route_fn else "route=<caller>"
+        )
+        return f"{how}, top_k={self.top_k}"

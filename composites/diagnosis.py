@@ -1,0 +1,102 @@
+"""Why a parameter got no gradient: the slow path, run only when the guard's check fails."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .conditional import Conditional
+from .problems import Problem
+from .sequential import Sequential
+from .tracing import Call, reachable, replay
+
+if TYPE_CHECKING:
+    from .guard import GradientGuard
+
+
+def diagnose(guard: GradientGuard, missing: set[int], non_finite: bool, not_in_opt: list[int]) -> list[Problem]:
+    """Every problem the check found, each with its most specific provable cause."""
+    names, submodels = guard.names, guard.submodels
+    problems = [
+        Problem(path, submodel, "not_registered", "a plain tensor attribute with requires_grad=True, not an nn.Parameter")
+        for path, submodel in guard._unregistered
+    ]
+    if missing:
+        problems += _explain_missing(guard, sorted(missing))
+    problems += [Problem(names[i], submodels[names[i]], "not_in_optimizer") for i in not_in_opt]
+    if non_finite:
+        for name, p in zip(names, guard.params):
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                problems.append(Problem(name, submodels[name], "non_finite"))
+    return problems
+
+
+def _explain_missing(guard: GradientGuard, missing: list[int]) -> list[Problem]:
+    model, names = guard.model, guard.names
+    if not guard._calls:
+        where = "the model's forward did not run with gradients on since the last check (check() once per backward)"
+        return [Problem(names[i], guard.submodels[names[i]], "unused", where) for i in missing]
+    trace = replay(model, guard._calls)
+    label = _labeler(model)
+    routers = {
+        f"{path}.router" if path else "router": label(path)
+        for path, m in model.named_modules()
+        if isinstance(m, Conditional) and "router" in m._modules
+    }
+    reach_cache: dict[tuple[int, str], set[int]] = {}
+
+    def reach(call: Call, side: str) -> set[int]:
+        key = (id(call), side)
+        if key not in reach_cache:
+            reach_cache[key] = reachable(getattr(call, side))
+        return reach_cache[key]
+
+    problems = []
+    for i in missing:
+        name, pid = names[i], id(guard.params[i])
+        owner = name.rpartition(".")[0]
+        cause, where = _explain_one(trace, owner, pid, routers, reach, label)
+        problems.append(Problem(name, guard.submodels[name], cause, where))
+    return problems
+
+
+def _explain_one(trace, owner, pid, routers, reach, label) -> tuple[str, str]:
+    own = [c for c in trace if c.path == owner]
+    if not own:
+        ran = [c for c in trace if owner.startswith(c.path + ".") or c.path == ""]
+        parent = max(ran, key=lambda c: len(c.path), default=None)
+        return "unused", f"{label(owner)} never ran in forward" + (f", though {label(parent.path)} did" if parent else "")
+    if not any(c.grad for c in own):
+        return "no_grad", f"{label(owner)} ran under torch.no_grad()/inference_mode()"
+    router_of = next((cpath for rpath, cpath in routers.items() if owner == rpath or owner.startswith(rpath + ".")), None)
+    if router_of is not None:
+        return "non_differentiable_route", f"the router of {router_of} made a hard choice that gives its gate no gradient"
+    reaching = [c for c in trace if pid in reach(c, "outputs")]
+    if not any(c.path == owner for c in reaching):
+        return "detached", f"inside {label(owner, True)}.forward: its output does not depend on this parameter"
+    cuts = [c for c in trace if pid in reach(c, "inputs") and pid not in reach(c, "outputs")]
+    if cuts:
+        cut = max(cuts, key=lambda c: (c.depth, c.start))  # the innermost call that dropped it
+        if not cut.grad:
+            return "no_grad", f"{label(cut.path)} ran under torch.no_grad() on a tensor that needed its gradient"
+        return "detached", f"inside {label(cut.path, True)}.forward, which received it with gradient but returned it without"
+    last = max(reaching, key=lambda c: c.end)
+    if last.parent is None:  # the model's own output still had it
+        return "detached", "after the model's forward: its output depends on this parameter but the loss does not (detached, converted, or left out of the loss)"
+    parent = last.parent
+    after = next((c for c in trace if c.parent is parent and c.start > last.end), None)
+    if isinstance(parent.module, Sequential) and after is not None:
+        return "detached", f"between stage {label(last.path)} and stage {label(after.path)} of {label(parent.path)}"
+    where = f"inside {label(parent.path, True)}.forward, after {label(last.path)}"
+    return "detached", where + (f", before {label(after.path)}" if after is not None else "")
+
+
+def _labeler(model: torch.nn.Module):
+    kind = type(model).__name__
+
+    def label(path: str, code: bool = False) -> str:
+        """How a module is named in the report: by path, the model itself by its class."""
+        return f"'{path}'" if path else (kind if code else f"the model ({kind})")
+
+    return label

@@ -1,0 +1,200 @@
+"""GradientGuard: after each backward, prove every trainable parameter got a gradient."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .conditional import Conditional
+from .diagnosis import diagnose
+from .guard_sync import gather_problems, is_distributed, reduce_flags
+from .problems import GradientFlowError, GuardReport, Problem
+from .structure import find_unregistered, submodel_names
+
+
+class GradientGuard:
+    """Check, after every ``loss.backward()``, that each trainable parameter got a gradient.
+
+    "Got a gradient" is exact per backward: a hook on every parameter fires when autograd
+    accumulates into it, so leftover gradients from an earlier micro-batch or a zeroed
+    ``.grad`` (``zero_grad(set_to_none=False)``) cannot hide a cut. The per-step check is a
+    set difference plus, with ``check_finite``, one fused reduction and one host read. Only
+    when something is wrong does the guard replay the last forward with tracing hooks to name
+    the cause (detached, no_grad, unused, non_differentiable_route, ...) and where it happened.
+
+    Args:
+        model: any ``nn.Module``; composites add branch names and routing knowledge.
+        optimizer: when given, trainable parameters it does not hold are reported
+            (``not_in_optimizer``); also settable later with :meth:`set_optimizer`.
+        check_finite: also report NaN/Inf gradients (``non_finite``).
+        scaler: a ``torch.amp.GradScaler``; while it is enabled, non-finite gradients with a
+            finite loss are an overflow step the scaler skips, not a problem, unless that
+            happens ``overflow_patience`` steps in a row.
+        overflow_patience: consecutive overflow steps tolerated under a scaler.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+        >>> guard = GradientGuard(model)
+        >>> model(torch.randn(2, 3)).sum().backward()
+        >>> guard.check().checked
+        4
+        >>> h = model[0](torch.randn(2, 3)).detach()
+        >>> model[1](h).sum().backward()
+        >>> guard.check()
+        Traceback (most recent call last):
+          ...
+        composites.problems.GradientFlowError: 2 parameters did not get a proper gradient in this backward:
+        ...
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        check_finite: bool = True,
+        scaler: Any = None,
+        overflow_patience: int = 20,
+    ):
+        self.model = model
+        named = list(model.named_parameters())  # shared parameters once, under their first name
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.submodels = submodel_names(model, self.names)
+        self.check_finite, self.scaler, self.overflow_patience = check_finite, scaler, overflow_patience
+        self._reached: set[int] = set()
+        self._calls: deque[tuple[tuple, dict]] = deque(maxlen=4)  # grad-enabled root calls, for replay
+        self._replaying = False
+        self._overflows = 0
+        add = self._reached.add
+        self._handles = [
+            p.register_post_accumulate_grad_hook(lambda _, i=i: add(i)) for i, p in enumerate(self.params)
+        ]
+        self._handles.append(model.register_forward_pre_hook(self._record_call, with_kwargs=True))
+        index = {n: i for i, n in enumerate(self.names)}
+        self._conditionals = [
+            (path, c, {b: {i for n, i in index.items() if n.startswith(f"{path}.{b}." if path else f"{b}.")} for b in c.branch_names})
+            for path, c in model.named_modules()
+            if isinstance(c, Conditional)
+        ]
+        self._unregistered = find_unregistered(model)
+        self._scanned_after_forward = False
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_key: tuple[int, int] | None = None
+        self._not_in_optimizer: list[int] = []
+        self.set_optimizer(optimizer)
+
+    def _scan(self) -> list[tuple[str, str]]:
+        """Unregistered tensors as (attribute path, sub-model) pairs."""
+        found = [path for path, _ in find_unregistered(self.model)]
+        return list(submodel_names(self.model, found).items())
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Check from now on that every trainable parameter is in ``optimizer``."""
+        self.optimizer, self._optimizer_key = optimizer, None
+
+    def remove(self) -> None:
+        """Remove the guard's hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _record_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and not self._replaying:
+            self._calls.append((args, kwargs))
+
+    def _missing_from_optimizer(self) -> list[int]:
+        groups = self.optimizer.param_groups
+        key = (len(groups), sum(len(g["params"]) for g in groups))
+        if key != self._optimizer_key:  # recomputed only when the optimizer's groups change
+            held = {id(p) for g in groups for p in g["params"]}
+            self._not_in_optimizer = [i for i, p in enumerate(self.params) if id(p) not in held]
+            self._optimizer_key = key
+        return [i for i in self._not_in_optimizer if self.params[i].requires_grad]
+
+    def _inactive(self) -> set[int]:
+        """Parameters of Conditional branches that were routed out in the forwards since the last check."""
+        inactive: set[int] = set()
+        for _, conditional, branch_params in self._conditionals:
+            ran = conditional._ran_since_check
+            if ran:  # a Conditional that never ran excuses nothing: its branches are 'unused'
+                for branch, indices in branch_params.items():
+                    if branch not in ran:
+                        inactive |= indices
+                ran.clear()
+        return inactive
+
+    def _non_finite(self, loss: Tensor | None) -> bool:
+        """One fused max-abs reduction over all gradients and one host read."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return False
+        bad = not bool(torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all())
+        if bad and self.scaler is not None and self.scaler.is_enabled():
+            loss_finite = loss is None or bool(torch.isfinite(loss.detach()).all())
+            self._overflows += 1
+            if loss_finite and self._overflows <= self.overflow_patience:
+                return False  # an overflow step: the scaler skips it and lowers its scale
+        elif not bad:
+            self._overflows = 0
+        return bad
+
+    def check(self, raise_error: bool = True, loss: Tensor | None = None) -> GuardReport:
+        """Check the backward(s) since the last call; call it right after each ``loss.backward()``.
+
+        Args:
+            raise_error: raise :class:`GradientFlowError` on problems (else return them in the report).
+            loss: the loss just backpropagated; lets a GradScaler overflow be told from a real NaN.
+
+        Returns:
+            A :class:`GuardReport` (``ok``, counts, ``grad_norms()``).
+        """
+        if not self._scanned_after_forward and self._calls:  # catches tensors set lazily in the first forward
+            self._unregistered, self._scanned_after_forward = self._scan(), True
+        trainable = {i for i, p in enumerate(self.params) if p.requires_grad}
+        inactive = self._inactive() & trainable
+        missing = trainable - self._reached - inactive
+        not_in_opt = self._missing_from_optimizer() if self.optimizer is not None else []
+        overflow_before = self._overflows
+        non_finite = self.check_finite and self._non_finite(loss)
+        if is_distributed():  # one collective: a parameter is fine when any rank reached it
+            missing, non_finite = reduce_flags(self.params, self._reached, missing, non_finite)
+        problems: list[Problem] = []
+        if missing or non_finite or not_in_opt or self._unregistered:
+            problems = diagnose(self, missing, non_finite, not_in_opt)
+            if is_distributed():
+                problems = gather_problems(problems)
+        shown = inactive - self._reached
+        report = GuardReport(
+            checked=len(trainable),
+            frozen=len(self.params) - len(trainable),
+            inactive=len(shown),
+            problems=problems,
+            overflow=self._overflows > overflow_before,
+            _names=self.names,
+            _frozen=set(range(len(self.params))) - trainable,
+            _inactive=shown,
+            _norms=self.grad_norms,
+        )
+        self._reached.clear()
+        self._calls.clear()
+        if problems and raise_error:
+            raise GradientFlowError(problems)
+        return report
+
+    def grad_norms(self) -> dict[str, float]:
+        """L2 norm of each sub-model's current gradient (qualified name -> norm); one host read."""
+        groups: dict[str, list[Tensor]] = {}
+        for name, p in zip(self.names, self.params):
+            if p.grad is not None:
+                groups.setdefault(self.submodels[name] or "(model)", []).append(p.grad)
+        if not groups:
+            return {}
+        per_group = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for g in groups.values()]
+        return dict(zip(groups, torch.stack(per_group).tolist()))

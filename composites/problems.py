@@ -1,0 +1,118 @@
+"""What the gradient guard reports: problems, the error that carries them, and the report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+HINTS: dict[str, str] = {
+    "detached": "Keep the graph connected there: drop the .detach()/.data, and use torch ops instead of a .numpy()/.tolist()/.item() round trip or a torch.tensor() re-wrap.",
+    "no_grad": "Run it with gradients on (remove the torch.no_grad()/inference_mode() around it), or freeze it with requires_grad_(False) if it is not meant to train.",
+    "unused": "Call it in forward (or route to it), or freeze or remove it if it is not meant to train.",
+    "not_registered": "Wrap it in nn.Parameter (self.x = nn.Parameter(tensor)) so parameters(), the optimizer and state_dict see it.",
+    "not_in_optimizer": "Build the optimizer from model.parameters() (or add a param group that holds it).",
+    "non_differentiable_route": "Return soft scores from the router (Conditional weights each output by its gate probability); argmax/topk indices carry no gradient.",
+    "non_finite": "Find the NaN/Inf source (log of 0, division, exploding loss): lower the learning rate, clip gradients, or add an eps.",
+}
+CAUSES: tuple[str, ...] = tuple(HINTS)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One parameter that did not train properly in this backward.
+
+    Attributes:
+        parameter: qualified name as in ``model.named_parameters()`` (for ``not_registered``,
+            the attribute's qualified path).
+        module: qualified name of the sub-model that owns it (``""`` is the model itself).
+        cause: one of :data:`CAUSES`.
+        hint: one sentence on the fix.
+        where: where the gradient was lost, when known (e.g. "inside 'encoder'.forward, after 'fc1'").
+    """
+
+    parameter: str
+    module: str
+    cause: str
+    where: str = ""
+    hint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.cause not in HINTS:
+            raise ValueError(f"unknown cause '{self.cause}', expected one of {CAUSES}")
+        if not self.hint:
+            object.__setattr__(self, "hint", HINTS[self.cause])
+
+
+def format_table(problems: Sequence[Problem]) -> str:
+    """The problems as a compact table (parameter, sub-model, cause, where), then one fix per cause.
+
+    Example:
+        >>> print(format_table([Problem("head.weight", "head", "unused", "'head' never ran in forward")]))
+        parameter    sub-model  cause   where
+        head.weight  head       unused  'head' never ran in forward
+        fix unused: Call it in forward (or route to it), or freeze or remove it if it is not meant to train.
+    """
+    rows = [("parameter", "sub-model", "cause", "where")]
+    rows += [(p.parameter, p.module or "(model)", p.cause, p.where or "-") for p in problems]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    hints = {p.cause: p.hint for p in problems}
+    return "\n".join(lines + [f"fix {cause}: {hint}" for cause, hint in hints.items()])
+
+
+class GradientFlowError(RuntimeError):
+    """Raised by :meth:`GradientGuard.check` when a trainable parameter did not train.
+
+    ``problems`` lists every :class:`Problem`; ``str(err)`` is a readable table of them.
+
+    Example:
+        >>> err = GradientFlowError([Problem("fc.weight", "fc", "no_grad")])
+        >>> err.problems[0].cause
+        'no_grad'
+    """
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        count = len(self.problems)
+        super().__init__(
+            f"{count} parameter{'s' if count != 1 else ''} did not get a proper gradient in this backward:\n"
+            + format_table(self.problems)
+        )
+
+
+@dataclass
+class GuardReport:
+    """What one :meth:`GradientGuard.check` found.
+
+    ``checked`` counts the trainable parameters checked, ``frozen`` those with
+    ``requires_grad=False``, ``inactive`` those in Conditional branches routed out in this
+    forward (``frozen_names`` / ``inactive_names`` name them). ``overflow`` is True when a
+    GradScaler overflow step was let through. :meth:`grad_norms` gives per-sub-model gradient
+    norms (one device sync: call it when logging, not every step).
+    """
+
+    checked: int
+    frozen: int
+    inactive: int
+    problems: list[Problem] = field(default_factory=list)
+    overflow: bool = False
+    _names: list[str] = field(default_factory=list, repr=False)
+    _frozen: set[int] = field(default_factory=set, repr=False)
+    _inactive: set[int] = field(default_factory=set, repr=False)
+    _norms: Callable[[], dict[str, float]] | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def frozen_names(self) -> list[str]:
+        return sorted(self._names[i] for i in self._frozen)
+
+    @property
+    def inactive_names(self) -> list[str]:
+        return sorted(self._names[i] for i in self._inactive)
+
+    def grad_norms(self) -> dict[str, float]:
+        """L2 norm of the gradient of each sub-model (qualified name -> norm)."""
+        return self._norms() if self._norms is not None else {}

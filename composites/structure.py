@@ -1,0 +1,68 @@
+"""What the guard reads off a model's structure: sub-model names and unregistered tensors."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .conditional import Conditional
+from .parallel import Parallel
+from .sequential import Sequential
+
+COMPOSITES = (Sequential, Parallel, Conditional)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def submodel_names(model: nn.Module, parameter_names: list[str]) -> dict[str, str]:
+    """Map each parameter name to the sub-model that owns it.
+
+    The sub-model is the deepest child of a composite on the parameter's path (a stage,
+    branch, router or combiner, with the user's name); in a model without composites it is
+    the module that holds the parameter. ``""`` is the model itself.
+
+    Example:
+        >>> from torch import nn
+        >>> from composites import Sequential
+        >>> m = Sequential({"encoder": nn.Sequential(nn.Linear(2, 2)), "head": nn.Linear(2, 1)})
+        >>> submodel_names(m, ["encoder.0.weight", "head.bias"])
+        {'encoder.0.weight': 'encoder', 'head.bias': 'head'}
+    """
+    children = {
+        _join(path, child) for path, module in model.named_modules() if isinstance(module, COMPOSITES) for child in module._modules
+    }
+    result = {}
+    for name in parameter_names:
+        parts = name.split(".")[:-1]
+        prefixes = [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+        result[name] = next((p for p in prefixes if p in children), ".".join(parts))
+    return result
+
+
+def find_unregistered(model: nn.Module) -> list[tuple[str, str]]:
+    """Tensors with ``requires_grad=True`` held as plain module attributes.
+
+    ``parameters()``, the optimizer and ``state_dict`` never see them, so they never train.
+    Only leaf tensors count: a tensor computed from parameters (a cache) is not the bug.
+
+    Returns:
+        ``(attribute path, owning module path)`` pairs, e.g. ``("layer.scale", "layer")``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> layer = nn.Linear(2, 2)
+        >>> layer.scale = torch.ones(2, requires_grad=True)
+        >>> find_unregistered(nn.Sequential(layer))
+        [('0.scale', '0')]
+    """
+    found = []
+    for path, module in model.named_modules():
+        for attr, value in vars(module).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for k, item in enumerate(values):
+                if isinstance(item, Tensor) and not isinstance(item, nn.Parameter) and item.requires_grad and item.is_leaf:
+                    suffix = f"[{k}]" if values is value else ""
+                    found.append((_join(path, attr) + suffix, path))
+    return found
