@@ -72,11 +72,9 @@ class GradientGuard:
         self._calls: deque[tuple[tuple, dict]] = deque(maxlen=4)  # grad-enabled root calls, for replay
         self._replaying = False
         self._overflows = 0
-        add = self._reached.add
-        self._handles = [
-            p.register_post_accumulate_grad_hook(lambda _, i=i: add(i)) for i, p in enumerate(self.params)
-        ]
-        self._handles.append(model.register_forward_pre_hook(self._record_call, with_kwargs=True))
+        self._handles = [model.register_forward_pre_hook(self._record_call, with_kwargs=True)]
+        self._hooked: set[int] = set()
+        self._hook({i for i, p in enumerate(self.params) if p.requires_grad})
         index = {n: i for i, n in enumerate(self.names)}
         self._conditionals = [
             (path, c, {b: {i for n, i in index.items() if n.startswith(f"{path}.{b}." if path else f"{b}.")} for b in c.branch_names})
@@ -104,6 +102,14 @@ class GradientGuard:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hooked.clear()
+
+    def _hook(self, indices: set[int]) -> None:
+        """Mark each parameter as reached when autograd accumulates into it (frozen ones cannot be hooked)."""
+        add = self._reached.add
+        for i in indices:
+            self._handles.append(self.params[i].register_post_accumulate_grad_hook(lambda _, i=i: add(i)))
+        self._hooked |= indices
 
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and not self._replaying:
@@ -159,7 +165,10 @@ class GradientGuard:
             self._unregistered, self._scanned_after_forward = self._scan(), True
         trainable = {i for i, p in enumerate(self.params) if p.requires_grad}
         inactive = self._inactive() & trainable
-        missing = trainable - self._reached - inactive
+        unhooked = trainable - self._hooked
+        if unhooked:  # unfrozen since the guard was built: checked from the next backward on
+            self._hook(unhooked)
+        missing = trainable - self._reached - inactive - unhooked
         not_in_opt = self._missing_from_optimizer() if self.optimizer is not None else []
         overflow_before = self._overflows
         non_finite = self.check_finite and self._non_finite(loss)
