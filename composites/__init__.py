@@ -16,4 +16,15 @@ __all__ = [
     "GuardReport",
     "Problem",
     "CAUSES",
+    "CompositeModule",
 ]
+
+
+def __getattr__(name: str):
+    # Lightning is heavy to import: load it only when CompositeModule is asked for, so the
+    # composites and the guard stay quick to import (spawned DDP workers, scripts, tests).
+    if name == "CompositeModule":
+        from .lightning_module import CompositeModule
+
+        return CompositeModule
+    raise AttributeError(f"module 'composites' has no attribute '{name}'")

@@ -50,7 +50,7 @@ class Conditional(nn.Module):
         super().__init__()
         self.branch_names = register_children(
             self, named_modules_from(branches, "branch"), "branch",
-            reserved=("branch_names", "router", "_route_fn", "top_k", "active_branches", "_gate"),
+            reserved=("branch_names", "router", "_route_fn", "top_k", "active_branches", "_ran_since_check", "_gate"),
         )
         if not 1 <= top_k <= len(self.branch_names):
             raise ValueError(f"top_k={top_k} must be between 1 and the number of branches ({len(self.branch_names)})")

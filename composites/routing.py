@@ -41,7 +41,7 @@ def dispatch_top_k(
     outputs = [branches[i](chunk) for i, chunk in enumerate(chunks) if counts[i] > 0]
     ran = [i for i, n in enumerate(counts) if n > 0]
     y = torch.cat(outputs)  # (batch * top_k, ...), in sorted order
-    w = weight.reshape(-1)[order].reshape(-1, *([1] * (y.dim() - 1)))
+    w = weight.reshape(-1)[order].to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))  # AMP: keep the branch dtype
     out = y.new_zeros((batch, *y.shape[1:])).index_add(0, sample, y * w)
     return out, probs, chosen, ran
 

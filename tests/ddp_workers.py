@@ -1,0 +1,52 @@
+"""Worker processes for the two-rank gloo DDP tests of the guard (spawned, so importable)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from composites import Conditional, GradientFlowError, GradientGuard, Sequential
+from guard_models import linear
+
+
+class RankRouted(nn.Module):
+    """Branch 'a' on rank 0, branch 'b' on rank 1: each branch is active on one rank only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = linear(3, 3)
+        self.experts = Conditional({"a": linear(3, 2), "b": linear(3, 2), "c": linear(3, 2)}, router=lambda x: "ab"[dist.get_rank()])
+        self.aux = linear(3, 2)
+        self.use_aux = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        out = self.experts(h)
+        return out + self.aux(h) if self.use_aux else out
+
+
+def run(rank: int, world: int, port: int, scenario: str, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = RankRouted()
+        if scenario == "unused_everywhere":
+            model.use_aux = False
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        guard = GradientGuard(model)
+        outcome = []
+        for _ in range(3):
+            ddp(torch.ones(4, 3)).sum().backward()
+            try:
+                report = guard.check()
+                outcome.append(("ok", report.inactive_names))
+            except GradientFlowError as error:
+                outcome.append(("error", [(p.parameter, p.module, p.cause) for p in error.problems]))
+                break
+        results.put((rank, outcome))
+    finally:
+        dist.destroy_process_group()

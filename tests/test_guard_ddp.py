@@ -1,0 +1,48 @@
+"""The guard under two-rank gloo DDP: one verdict on every rank, never a rank raising alone."""
+
+import socket
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+import ddp_workers
+
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(scenario: str) -> dict[int, list]:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    procs = mp.start_processes(ddp_workers.run, args=(2, free_port(), scenario, results), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not procs.join(timeout=1):  # fails instead of hanging
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail(f"DDP scenario '{scenario}' did not finish within {TIMEOUT_S}s")
+    return dict(results.get(timeout=10) for _ in range(2))
+
+
+@pytest.mark.slow
+def test_branch_active_on_one_rank_only_passes_and_routed_out_branch_is_listed():
+    outcomes = run_two_ranks("one_rank")
+    # 'a' runs on rank 0, 'b' on rank 1, so both are reached somewhere; 'c' runs nowhere
+    inactive = ["experts.c.bias", "experts.c.weight"]
+    for rank in (0, 1):
+        assert [status for status, _ in outcomes[rank]] == ["ok"] * 3
+    assert outcomes[0][0][1] == ["experts.b.bias", "experts.b.weight"] + inactive
+    assert outcomes[1][0][1] == ["experts.a.bias", "experts.a.weight"] + inactive
+
+
+@pytest.mark.slow
+def test_parameter_unused_on_every_rank_raises_the_same_error_on_every_rank_at_the_first_step():
+    outcomes = run_two_ranks("unused_everywhere")
+    expected = [("error", [("aux.bias", "aux", "unused"), ("aux.weight", "aux", "unused")])]
+    assert outcomes[0] == outcomes[1] == expected
