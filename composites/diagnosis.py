@@ -35,7 +35,7 @@ def diagnose(guard: GradientGuard, missing: set[int], non_finite: bool, not_in_o
 def _explain_missing(guard: GradientGuard, missing: list[int]) -> list[Problem]:
     model, names = guard.model, guard.names
     if not guard._calls:
-        where = "the model's forward did not run with gradients on since the last check (check() once per backward)"
+        where = "neither the model nor its sub-models ran with gradients on since the last check (check() once per backward)"
         return [Problem(names[i], guard.submodels[names[i]], "unused", where) for i in missing]
     trace = replay(model, guard._calls)
     label = _labeler(model)
@@ -82,8 +82,12 @@ def _explain_one(trace, owner, pid, routers, reach, label) -> tuple[str, str]:
             return "no_grad", f"{label(cut.path)} ran under torch.no_grad() on a tensor that needed its gradient"
         return "detached", f"inside {label(cut.path, True)}.forward, which received it with gradient but returned it without"
     last = max(reaching, key=lambda c: c.end)
-    if last.parent is None:  # the model's own output still had it
-        return "detached", "after the model's forward: its output depends on this parameter but the loss does not (detached, converted, or left out of the loss)"
+    if last.parent is None:  # the output of a replayed call still had it: the cut is in the loop
+        if last.path == "":
+            return "detached", "after the model's forward: its output depends on this parameter but the loss does not (detached, converted, or left out of the loss)"
+        then = next((c for c in trace if c.parent is None and c.start > last.end), None)
+        where = f"between {label(last.path)} and {label(then.path)}" if then is not None else f"after {label(last.path)} returned"
+        return "detached", where + ", in the code that calls them: the gradient does not flow from one to the next"
     parent = last.parent
     after = next((c for c in trace if c.parent is parent and c.start > last.end), None)
     if isinstance(parent.module, Sequential) and after is not None:

@@ -69,10 +69,12 @@ class GradientGuard:
         self.submodels = submodel_names(model, self.names)
         self.check_finite, self.scaler, self.overflow_patience = check_finite, scaler, overflow_patience
         self._reached: set[int] = set()
-        self._calls: deque[tuple[tuple, dict]] = deque(maxlen=4)  # grad-enabled root calls, for replay
+        # grad-enabled calls of the model and of its direct children (a loop may call those
+        # itself: encoder then head), kept until the next check so a failure can be replayed
+        self._calls: deque[tuple[nn.Module, tuple, dict]] = deque(maxlen=16)
         self._replaying = False
         self._overflows = 0
-        self._handles = [model.register_forward_pre_hook(self._record_call, with_kwargs=True)]
+        self._handles = [m.register_forward_pre_hook(self._record_call, with_kwargs=True) for m in (model, *model.children())]
         self._hooked: set[int] = set()
         self._hook({i for i, p in enumerate(self.params) if p.requires_grad})
         index = {n: i for i, n in enumerate(self.names)}
@@ -113,7 +115,7 @@ class GradientGuard:
 
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and not self._replaying:
-            self._calls.append((args, kwargs))
+            self._calls.append((module, args, kwargs))
 
     def _missing_from_optimizer(self) -> list[int]:
         groups = self.optimizer.param_groups

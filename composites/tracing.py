@@ -66,8 +66,11 @@ def reachable(ends: Iterable[Any]) -> set[int]:
     return found
 
 
-def replay(model: nn.Module, calls: Iterable[tuple[tuple, dict]]) -> list[Call]:
-    """Run the recorded root calls again with every module traced; the model's state is kept.
+def replay(model: nn.Module, calls: Iterable[tuple[nn.Module, tuple, dict]]) -> list[Call]:
+    """Run recorded calls again with every module traced; the model's state is kept.
+
+    The model's own calls are replayed when there are any; otherwise the calls a training
+    loop made to its sub-models directly (``model.encoder(x)`` then ``model.head(h)``).
 
     Buffers (e.g. BatchNorm statistics), Conditional bookkeeping and the CPU random state are
     restored afterwards, so a replay changes nothing the training loop can see.
@@ -95,10 +98,12 @@ def replay(model: nn.Module, calls: Iterable[tuple[tuple, dict]]) -> list[Call]:
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
     try:
+        calls = list(calls)
+        outermost = [c for c in calls if c[0] is model] or calls
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            for args, kwargs in calls:
+            for module, args, kwargs in outermost:
                 stack.clear()
-                model(*args, **kwargs)
+                module(*args, **kwargs)
     except Exception:  # a replay that fails still leaves what it traced
         pass
     finally:

@@ -160,3 +160,13 @@ def test_check_without_a_forward_since_the_last_check_still_names_parameters():
     report = guard.check(raise_error=False)
     assert {p.parameter for p in report.problems} == {n for n, _ in model.named_parameters()} - {"head.weight"}
     assert {p.cause for p in report.problems} == {"unused"}
+
+
+def test_cut_in_a_training_loop_that_calls_sub_models_itself():
+    model = Sequential({"encoder": linear(3, 3), "head": linear(3, 2)})
+    guard = GradientGuard(model)
+    features = model.encoder(X).detach()  # the loop hands off between sub-models itself
+    model.head(features).sum().backward()
+    report = guard.check(raise_error=False)
+    assert {(p.parameter, p.cause) for p in report.problems} == {("encoder.weight", "detached"), ("encoder.bias", "detached")}
+    assert report.problems[0].where.startswith("between 'encoder' and 'head', in the code that calls them")
