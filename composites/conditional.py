@@ -61,7 +61,7 @@ class Conditional(nn.Module):
             self.router = router
         self.top_k = top_k
         self.active_branches: tuple[str, ...] = ()
-        self._ran_since_check: set[str] = set()  # drained by GradientGuard: what ran since its last check
+        self._ran_since_check: set[str] = set()  # drained by GradientGuard: what ran with grad since its last check
         self._gate: tuple[Tensor, Tensor] | None = None  # (probs, chosen) of the last score routing
 
     def route(self, x: Any, *args: Any, **kwargs: Any) -> str | Tensor:
@@ -92,7 +92,8 @@ class Conditional(nn.Module):
         branches = [self._modules[name] for name in self.branch_names]
         out, probs, chosen, ran = dispatch_top_k(branches, decision, x, self.top_k)
         self.active_branches = tuple(self.branch_names[i] for i in ran)
-        self._ran_since_check.update(self.active_branches)
+        if torch.is_grad_enabled():  # a validation forward in between trains nothing
+            self._ran_since_check.update(self.active_branches)
         self._gate = (probs, chosen)
         return out
 
@@ -100,7 +101,8 @@ class Conditional(nn.Module):
         if name not in self.branch_names:
             raise KeyError(f"unknown branch '{name}': this Conditional has {list(self.branch_names)}")
         self.active_branches = (name,)
-        self._ran_since_check.add(name)
+        if torch.is_grad_enabled():
+            self._ran_since_check.add(name)
         self._gate = None
         return self._modules[name](x, *args, **kwargs)
 

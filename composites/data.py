@@ -1,0 +1,127 @@
+"""The digits data set (bundled with scikit-learn, no download) as a LightningDataModule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+KINDS = ("image", "flat")
+INPUTS = (*KINDS, "views")
+
+
+class _Digits(Dataset):
+    """Samples ``(input, target)``; the input is a tensor, or a dict of views for a ``Parallel``."""
+
+    def __init__(self, images: Tensor, targets: Tensor, inputs: str, views: Mapping[str, str]):
+        self.images, self.targets, self.inputs, self.views = images, targets, inputs, dict(views)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _view(self, kind: str, i: int) -> Tensor:
+        return self.images[i] if kind == "image" else self.images[i].flatten()
+
+    def __getitem__(self, i: int) -> tuple[Any, Tensor]:
+        if self.inputs == "views":
+            return {name: self._view(kind, i) for name, kind in self.views.items()}, self.targets[i]
+        return self._view(self.inputs, i), self.targets[i]
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """scikit-learn's 1,797 handwritten 8x8 digits, split, standardised and batched.
+
+    The split is stratified and fixed by ``seed``; pixels are standardised with the mean and
+    standard deviation of the training split only (no leak from val/test). Targets are class
+    indices 0-9.
+
+    Args:
+        inputs: what a sample's input is: ``"image"`` (float ``1x8x8``), ``"flat"`` (a
+            64-vector), or ``"views"``: a dict with one entry per name in ``views``, made for a
+            ``Parallel`` whose branch names are those keys.
+        views: with ``inputs="views"``, mapping entry name -> ``"image"`` or ``"flat"``.
+        batch_size: samples per batch (all splits).
+        num_workers: DataLoader worker processes; the data is in memory, so 0 is fastest.
+        val_fraction: share of all samples held out for validation.
+        test_fraction: share of all samples held out for testing.
+        seed: seed of the split (independent of the training seed).
+
+    Example:
+        >>> dm = DigitsDataModule(inputs="views", batch_size=4)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> {name: tuple(v.shape) for name, v in x.items()}, y.shape
+        ({'image': (4, 1, 8, 8), 'flat': (4, 64)}, torch.Size([4]))
+        >>> len(dm.train_set), len(dm.val_set), len(dm.test_set)
+        (1257, 270, 270)
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        inputs: str = "image",
+        views: Mapping[str, str] | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+    ):
+        super().__init__()
+        views = dict(views) if views is not None else {"image": "image", "flat": "flat"}
+        if inputs not in INPUTS:
+            raise ValueError(f"inputs='{inputs}' is not one of {', '.join(INPUTS)}")
+        bad = {name: kind for name, kind in views.items() if kind not in KINDS}
+        if bad:
+            raise ValueError(f"views {bad}: each view must be one of {', '.join(KINDS)}")
+        self.save_hyperparameters()
+        self.inputs, self.views, self.batch_size, self.num_workers = inputs, views, batch_size, num_workers
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.train_set: _Digits | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:  # every stage uses the same split; build it once
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        data = load_digits()
+        images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
+        targets = torch.tensor(data.target, dtype=torch.long)
+        index = list(range(len(targets)))
+        held = self.val_fraction + self.test_fraction
+        train, rest = train_test_split(index, test_size=held, stratify=data.target, random_state=self.seed)
+        val, test = train_test_split(
+            rest, test_size=self.test_fraction / held, stratify=data.target[rest], random_state=self.seed
+        )
+        mean, std = images[train].mean(), images[train].std()
+        images = (images - mean) / std
+        self.train_set, self.val_set, self.test_set = (
+            _Digits(images[ix], targets[ix], self.inputs, self.views) for ix in (train, val, test)
+        )
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)

@@ -1,0 +1,196 @@
+"""CompositeModule: train any composite with Lightning, one optimizer, a gradient guard each backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+
+from .distributed import prepare_strategy
+from .guard import GradientGuard
+from .param_groups import build_param_groups, plain
+from .problems import GradientFlowError, GuardReport
+
+GUARD_MODES = ("raise", "warn", "off")
+
+
+def _stage_metrics(metrics: Metric | MetricCollection | None, stage: str) -> MetricCollection | None:
+    if metrics is None:
+        return None
+    collection = metrics if isinstance(metrics, MetricCollection) else MetricCollection([metrics])
+    return collection.clone(prefix=f"{stage}/")  # a fresh copy per stage: train/val/test never share state
+
+
+class CompositeModule(pl.LightningModule):
+    """A ``LightningModule`` around any model (composite or not), guarded after every backward.
+
+    Batches are ``(input, target)``; the input (a tensor, or a mapping such as the views a
+    ``Parallel`` takes) is passed to ``model`` as one argument. The module builds ONE
+    optimizer over every trainable parameter (see :func:`build_param_groups`), and after every
+    backward (each micro-batch under ``accumulate_grad_batches``, and every
+    ``self.manual_backward(loss)`` under manual optimization, since Lightning calls
+    ``on_after_backward`` from both) it runs :meth:`GradientGuard.check`:
+
+    - ``guard="raise"``: a :class:`GradientFlowError` leaves ``trainer.fit`` at the first bad
+      backward, before the optimizer steps;
+    - ``guard="warn"``: a rank-zero warning with the table, once per distinct set of problems;
+    - ``guard="off"``: no hooks, no check, no gradient-norm logging.
+
+    It logs ``{train,val,test}/loss``, the metrics per stage (``train/acc``, ``val/acc``, ...),
+    and every ``trainer.log_every_n_steps`` optimizer steps the learning rate of each group
+    (``lr/<group>``) and the gradient L2 norm of each sub-model (``grad_norm/<sub-model>``).
+    ``predict_step`` returns the model's outputs.
+
+    Args:
+        model: the model to train.
+        loss: an ``nn.Module`` or callable ``(output, target) -> scalar``. Trainable parameters
+            of a loss module join the optimizer too (group names see them as ``loss.<name>``).
+        optimizer: a partial taking parameter groups, e.g. ``partial(torch.optim.Adam, lr=1e-3)``
+            (Hydra: ``_partial_: true``).
+        scheduler: a partial taking the optimizer and returning an LR scheduler (stepped each
+            epoch; a ``ReduceLROnPlateau`` watches ``val/loss``) or a Lightning scheduler dict.
+        metrics: a torchmetrics ``Metric`` or ``MetricCollection``, cloned per stage with the
+            prefixes ``train/``, ``val/``, ``test/`` (a collection's keys name the metrics).
+        param_groups: e.g. ``[{"prefix": "encoder", "lr": 1e-4}]``; see :func:`build_param_groups`.
+        guard: ``"raise"`` (default), ``"warn"`` or ``"off"``.
+
+    Example:
+        >>> from functools import partial
+        >>> import torch
+        >>> from torch import nn
+        >>> from composites import Sequential
+        >>> model = Sequential({"encoder": nn.Linear(4, 8), "head": nn.Linear(8, 3)})
+        >>> module = CompositeModule(model, nn.CrossEntropyLoss(), partial(torch.optim.Adam, lr=1e-3),
+        ...                          param_groups=[{"prefix": "encoder", "lr": 1e-4}])
+        >>> optimizer = module.configure_optimizers()
+        >>> [(g["name"], len(g["params"]), g["lr"]) for g in optimizer.param_groups]
+        [('encoder', 2, 0.0001), ('default', 2, 0.001)]
+        >>> module.loss_fn(module(torch.randn(5, 4)), torch.tensor([0, 1, 2, 0, 1])).backward()
+        >>> module.on_after_backward()  # what Lightning calls after each backward
+        >>> module.report.ok, module.report.checked
+        (True, 4)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module | Callable[[Any, Any], Tensor],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        metrics: Metric | MetricCollection | None = None,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+        guard: str = "raise",
+    ):
+        super().__init__()
+        guard = str(getattr(guard, "value", guard))  # a str-valued Enum (a validated config) works too
+        if guard not in GUARD_MODES:
+            raise ValueError(f"guard='{guard}' is not one of {', '.join(GUARD_MODES)}")
+        param_groups = plain(param_groups) if param_groups is not None else None
+        # Only plain values go into hparams: checkpoints are read with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["model", "loss", "optimizer", "scheduler", "metrics"])
+        self.model = model
+        self.loss_fn = loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.param_groups, self.guard_mode = param_groups, guard
+        self.train_metrics = _stage_metrics(metrics, "train")
+        self.val_metrics = _stage_metrics(metrics, "val")
+        self.test_metrics = _stage_metrics(metrics, "test")
+        self.guard: GradientGuard | None = None
+        self.report: GuardReport | None = None  # the last check's report
+        self._warned: set[frozenset[tuple[str, str]]] = set()
+        self._last_loss: Tensor | None = None
+
+    def forward(self, x: Any) -> Any:
+        return self.model(x)
+
+    # ---------------------------------------------------------------- optimizer and guard
+    def setup(self, stage: str) -> None:
+        # Runs before the strategy wraps the model: DDP must learn about routed (Conditional)
+        # branches now, and FSDP with the guard on is refused now rather than mid-training.
+        if stage == "fit":
+            chosen = prepare_strategy(self.trainer.strategy, self.model, guard_on=self.guard_mode != "off")
+            if chosen:
+                rank_zero_info(chosen)
+
+    def configure_optimizers(self) -> Any:
+        extra = [(f"loss.{n}", p) for n, p in self.loss_fn.named_parameters()] if isinstance(self.loss_fn, nn.Module) else []
+        optimizer = self.optimizer_factory(build_param_groups(self.model, self.param_groups, extra))
+        if self.guard is not None:  # configure_optimizers may run again (a second fit): one set of hooks
+            self.guard.remove()
+        self.guard = None
+        if self.guard_mode != "off":
+            trainer = self._trainer  # None when called outside a Trainer
+            scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+            # Given the optimizer, the guard reports any trainable parameter it does not hold.
+            self.guard = GradientGuard(self.model, optimizer, scaler=scaler)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, Mapping):
+            return {"optimizer": optimizer, "lr_scheduler": dict(scheduler)}
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        # Automatic and manual optimization both come through here: keep the loss so the guard
+        # can tell a GradScaler overflow (finite loss, inf gradients) from a real NaN.
+        self._last_loss = loss.detach()
+        super().backward(loss, *args, **kwargs)
+
+    def on_after_backward(self) -> None:
+        if self.guard is None:
+            return
+        self.report = self.guard.check(raise_error=self.guard_mode == "raise", loss=self._last_loss)
+        if not self.report.ok:
+            key = frozenset((p.parameter, p.cause) for p in self.report.problems)
+            if key not in self._warned:
+                self._warned.add(key)
+                rank_zero_warn(f"gradient guard (guard='warn', training goes on): {GradientFlowError(self.report.problems)}")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Same cadence as Lightning's step logging (it flushes when batches_that_stepped + 1 is a
+        # multiple of log_every_n_steps); grad_norms() costs a device sync, so only then.
+        every = self.trainer.log_every_n_steps
+        if not (self.trainer.fast_dev_run or (every > 0 and (self.trainer.global_step + 1) % every == 0)):
+            return
+        logs = {f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+        if self.report is not None:  # grads now hold every micro-batch of this step
+            logs.update({f"grad_norm/{name}": norm for name, norm in self.report.grad_norms().items()})
+        self.log_dict(logs, on_step=True, on_epoch=False)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.guard is not None:
+            self.guard.remove()  # leave the model without hooks once training is over
+
+    # ---------------------------------------------------------------- steps
+    def _step(self, batch: Any, stage: str, metrics: MetricCollection | None) -> Tensor:
+        x, y = batch
+        out = self.model(x)
+        loss = self.loss_fn(out, y)
+        n = len(y)
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, batch_size=n)
+        if metrics is not None:
+            metrics.update(out.detach(), y)
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not train, batch_size=n)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch  # (input, target) or input only
+        return self.model(x)

@@ -1,0 +1,115 @@
+"""Train a composite, configured by Hydra: compose -> instantiate -> fit -> test the best checkpoint.
+
+    python scripts/train.py +composite=parallel                  # or sequential, conditional
+    python scripts/train.py +composite=sequential trainer=cpu optimizer=sgd seed=1
+    python scripts/train.py -m +composite=sequential,parallel seed=0,1   # a sweep
+    python scripts/train.py +composite=parallel ckpt_path=<run dir>/checkpoints/last.ckpt
+
+``train(cfg)`` does the work and is importable for tests; ``main`` is the thin Hydra entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # schema.py sits next to this file
+from schema import TrainConfig, register_configs  # noqa: E402
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+register_configs()
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; ``main`` prints the message and exits with status 1."""
+
+
+class NoCompositeError(ConfigError):
+    """No ``+composite=NAME`` was given; the message lists the choices."""
+
+
+def available_composites() -> list[str]:
+    """The names ``+composite=`` accepts: the files in configs/composite/."""
+    return sorted(p.stem for p in (CONFIG_DIR / "composite").glob("*.yaml"))
+
+
+def _build(node: Any, **kwargs: Any) -> Any:
+    # "all": plain dicts/lists reach the objects, so nothing keeps config objects (checkpoints
+    # are read with weights_only=True, which refuses them).
+    return instantiate(node, _convert_="all", **kwargs)
+
+
+def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """Instantiate ``(datamodule, module, trainer)`` from a composed config.
+
+    Raises:
+        NoCompositeError: ``cfg.model`` is not set because no composite was chosen.
+        ConfigError: a top-level key the schema does not know was added with ``+``.
+    """
+    if OmegaConf.is_missing(cfg, "model"):
+        raise NoCompositeError(
+            "no composite chosen: add +composite=NAME, one of: " + ", ".join(available_composites())
+            + f"\n  e.g. python scripts/train.py +composite={available_composites()[0]}"
+        )
+    # `+key=value` adds keys even to a structured config; at the top level that is a typo.
+    unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; the keys are those of TrainConfig in scripts/schema.py")
+    # Resolve once, enums as plain strings ("raise", "max"), so objects get ordinary values.
+    conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    datamodule = _build(conf["data"])
+    model = _build(conf["model"])
+    scheduler = _build(conf["scheduler"]) if conf["scheduler"] else None
+    module = _build(conf["module"], model=model, optimizer=_build(conf["optimizer"]), scheduler=scheduler)
+    callbacks = [_build(c) for c in conf["callbacks"].values() if c]
+    logger = _build(conf["logger"]) if conf["logger"] else False
+    trainer = _build(conf["trainer"], callbacks=callbacks, logger=logger)
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams({"config": conf})  # the whole run, next to the metrics
+    return datamodule, module, trainer
+
+
+def _print_table(metrics: dict[str, float]) -> None:
+    width = max([len("test metric"), *map(len, metrics)])
+    print(f"{'test metric':<{width}}  value")
+    for key in sorted(metrics):
+        print(f"{key:<{width}}  {metrics[key]:.4f}")
+
+
+def train(cfg: DictConfig) -> float:
+    """Fit, test the best checkpoint, print the test metrics; return the best monitored value.
+
+    The monitored value (``cfg.monitor``, ``val/acc`` by default) is what a ``-m`` sweep
+    compares: a validation score, so the test split stays untouched by model selection.
+    """
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    checkpoint = trainer.checkpoint_callback
+    has_best = checkpoint is not None and bool(getattr(checkpoint, "best_model_path", ""))
+    # Read before testing, which replaces callback_metrics (no checkpoint under fast_dev_run).
+    best = checkpoint.best_model_score if has_best else trainer.callback_metrics.get(cfg.monitor)
+    results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)
+    _print_table({k: float(v) for k, v in results[0].items()})
+    print(f"run directory: {Path(cfg.paths.output_dir).resolve()}")
+    return float(best) if best is not None else float("nan")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None  # a clean message and exit status 1, no traceback
+
+
+if __name__ == "__main__":
+    main()
