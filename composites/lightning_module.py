@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from .distributed import prepare_strategy
+from .conditional import Conditional
 from .guard import GradientGuard
 from .param_groups import build_param_groups, plain
 from .problems import GradientFlowError, GuardReport
@@ -58,6 +59,9 @@ class CompositeModule(pl.LightningModule):
             prefixes ``train/``, ``val/``, ``test/`` (a collection's keys name the metrics).
         param_groups: e.g. ``[{"prefix": "encoder", "lr": 1e-4}]``; see :func:`build_param_groups`.
         guard: ``"raise"`` (default), ``"warn"`` or ``"off"``.
+        load_balancing: weight of the Switch-Transformer load-balancing loss of every
+            score-routed :class:`Conditional`, added to the training loss so a learned gate
+            keeps using all its experts (0 turns it off).
 
     Example:
         >>> from functools import partial
@@ -85,6 +89,7 @@ class CompositeModule(pl.LightningModule):
         metrics: Metric | MetricCollection | None = None,
         param_groups: Sequence[Mapping[str, Any]] | None = None,
         guard: str = "raise",
+        load_balancing: float = 0.0,
     ):
         super().__init__()
         guard = str(getattr(guard, "value", guard))  # a str-valued Enum (a validated config) works too
@@ -97,6 +102,8 @@ class CompositeModule(pl.LightningModule):
         self.loss_fn = loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.param_groups, self.guard_mode = param_groups, guard
+        self.load_balancing = load_balancing
+        self.gates = [m for m in model.modules() if isinstance(m, Conditional)] if load_balancing else []
         self.train_metrics = _stage_metrics(metrics, "train")
         self.val_metrics = _stage_metrics(metrics, "val")
         self.test_metrics = _stage_metrics(metrics, "test")
@@ -176,6 +183,11 @@ class CompositeModule(pl.LightningModule):
         loss = self.loss_fn(out, y)
         n = len(y)
         train = stage == "train"
+        if train and self.gates:
+            balance = [g.load_balancing_loss() for g in self.gates if g._gate is not None]
+            if balance:  # 1.0 is perfectly balanced; logged so a collapsing gate shows
+                self.log("train/load_balancing", sum(balance) / len(balance), on_step=True, on_epoch=True, batch_size=n)
+                loss = loss + self.load_balancing * sum(balance)
         self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, batch_size=n)
         if metrics is not None:
             metrics.update(out.detach(), y)

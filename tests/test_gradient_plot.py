@@ -141,13 +141,13 @@ def test_callback_logs_norms_itself_with_guard_off_and_marks_problems_under_warn
     check_png(callback.path, min_width=1000)
 
 
-def test_callback_config_adds_to_the_default_callbacks(tmp_path, monkeypatch):
+def test_default_callbacks_include_the_gradient_plot(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     from schema import register_configs  # train.yaml's defaults start with the schema
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["+composite=sequential", "callbacks=gradient_plot", f"paths.output_dir={tmp_path}"])
+        cfg = compose("train", overrides=["+composite=sequential", f"paths.output_dir={tmp_path}"])
     assert set(cfg.callbacks) >= {"checkpoint", "gradient_plot"}
     callback = instantiate(cfg.callbacks.gradient_plot)
     assert isinstance(callback, GradNormPlot) and Path(callback.dirpath) == tmp_path

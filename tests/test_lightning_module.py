@@ -282,3 +282,18 @@ def test_setup_prepares_ddp_for_routed_branches():
         module.trainer = t
         module.setup("fit")
         assert t.strategy._ddp_kwargs.get("find_unused_parameters") is expected
+
+
+def test_load_balancing_adds_the_gates_auxiliary_loss_to_the_training_loss():
+    gate = nn.Linear(4, 2)
+    nn.init.constant_(gate.weight, 0.0)
+    gate.bias.data = torch.tensor([3.0, 0.0])  # every sample goes to branch "a": unbalanced
+    model = Conditional({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)}, router=gate)
+    x, y = torch.ones(6, 4), torch.zeros(6, dtype=torch.long)
+    plain = CompositeModule(model, nn.CrossEntropyLoss(), partial(torch.optim.SGD, lr=0.1))
+    balanced = CompositeModule(model, nn.CrossEntropyLoss(), partial(torch.optim.SGD, lr=0.1), load_balancing=0.5)
+    base = plain.training_step((x, y), 0)
+    aux = model.load_balancing_loss()
+    assert aux.item() == pytest.approx(2 * torch.sigmoid(torch.tensor(3.0)).item())
+    assert balanced.training_step((x, y), 0).item() == pytest.approx(base.item() + 0.5 * aux.item())
+    assert balanced.validation_step((x, y), 0).item() == pytest.approx(base.item())
