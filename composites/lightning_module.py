@@ -188,7 +188,9 @@ class CompositeModule(pl.LightningModule):
             if balance:  # 1.0 is perfectly balanced; logged so a collapsing gate shows
                 self.log("train/load_balancing", sum(balance) / len(balance), on_step=True, on_epoch=True, batch_size=n)
                 loss = loss + self.load_balancing * sum(balance)
-        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, batch_size=n)
+        # val/test losses are averaged over ranks (checkpointing and schedulers read them); the
+        # training loss is not, which would cost a collective every step
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=not train)
         if metrics is not None:
             metrics.update(out.detach(), y)
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not train, batch_size=n)

@@ -82,6 +82,24 @@ def _print_table(metrics: dict[str, float]) -> None:
         print(f"{key:<{width}}  {metrics[key]:.4f}")
 
 
+def resume_path(ckpt_path: str | None, run_dir: str) -> str | None:
+    """``ckpt_path=auto`` resumes whatever the run directory holds (a requeued cluster job).
+
+    Lightning itself resumes from the ``hpc_ckpt_*.ckpt`` its SLURM plugin writes before a time
+    limit (with ``ckpt_path=None``); without one (a node failure, a submitit requeue), the
+    newest ``last.ckpt``; in a fresh directory, nothing.
+
+    >>> resume_path("auto", "/nonexistent") is None
+    True
+    """
+    if ckpt_path != "auto":
+        return ckpt_path
+    run = Path(run_dir)
+    if any(run.glob("hpc_ckpt_*.ckpt")):
+        return None
+    return "last" if any(run.glob("**/last*.ckpt")) else None
+
+
 def train(cfg: DictConfig) -> float:
     """Fit, test the best checkpoint, print the test metrics; return the best monitored value.
 
@@ -92,14 +110,15 @@ def train(cfg: DictConfig) -> float:
 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, trainer.default_root_dir))
     checkpoint = trainer.checkpoint_callback
     has_best = checkpoint is not None and bool(getattr(checkpoint, "best_model_path", ""))
     # Read before testing, which replaces callback_metrics (no checkpoint under fast_dev_run).
     best = checkpoint.best_model_score if has_best else trainer.callback_metrics.get(cfg.monitor)
     results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)
-    _print_table({k: float(v) for k, v in results[0].items()})
-    print(f"run directory: {Path(cfg.paths.output_dir).resolve()}")
+    if trainer.is_global_zero:  # one table per job, not one per rank
+        _print_table({k: float(v) for k, v in results[0].items()})
+        print(f"run directory: {Path(cfg.paths.output_dir).resolve()}")
     return float(best) if best is not None else float("nan")
 
 

@@ -1,0 +1,69 @@
+"""Scale-out presets: DDP on CPU through gloo with a Conditional, FSDP refused, SLURM configs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+from torch import nn
+
+from composites import Conditional, Sequential
+from composites.distributed import prepare_strategy
+from train_helpers import ROOT, compose_train, train
+
+
+def test_ddp_without_routing_is_left_alone_and_fsdp_with_the_guard_is_refused():
+    plain = DDPStrategy()
+    assert prepare_strategy(plain, Sequential({"a": nn.Linear(2, 2)}), guard_on=True) is None
+    assert "find_unused_parameters" not in plain._ddp_kwargs
+    with pytest.raises(RuntimeError, match="does not support FSDP yet.*trainer=ddp, or turn the guard off with guard=off"):
+        prepare_strategy(FSDPStrategy(), Sequential({"a": nn.Linear(2, 2)}), guard_on=True)
+    assert prepare_strategy(FSDPStrategy(), Sequential({"a": nn.Linear(2, 2)}), guard_on=False) is None
+    routed = Sequential({"moe": Conditional({"a": nn.Identity(), "b": nn.Identity()}, router=None)})
+    explicit = DDPStrategy(find_unused_parameters=True)
+    assert prepare_strategy(explicit, routed, guard_on=True) is None  # already what it needs
+
+
+def test_trainer_presets_compose(tmp_path):
+    for preset, expected in {"cpu": ("cpu", 1, None), "gpu": ("gpu", 1, "bf16-mixed"), "ddp": ("auto", "auto", None)}.items():
+        cfg = compose_train(tmp_path, ["+composite=sequential", f"trainer={preset}"])
+        assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.get("precision")) == expected
+    assert compose_train(tmp_path, ["+composite=sequential", "trainer=ddp"]).trainer.strategy == "ddp"
+
+
+def test_slurm_launcher_config_composes_with_the_submitit_plugin(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "+composite=parallel", "hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.max_num_timeout, launcher.signal_delay_s) == (3, 120)
+
+
+def test_auto_resume_picks_what_the_run_directory_holds(tmp_path):
+    assert train.resume_path("auto", str(tmp_path)) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert train.resume_path("auto", str(tmp_path)) == "last"
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    assert train.resume_path("auto", str(tmp_path)) is None  # Lightning resumes its own HPC checkpoint
+    assert train.resume_path("some.ckpt", str(tmp_path)) == "some.ckpt"
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_run_of_the_script_with_a_conditional_finishes(tmp_path):
+    command = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "+composite=conditional", "trainer=ddp",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert "DDP: find_unused_parameters=True, because the Conditional 'experts'" in out
+    assert done.stdout.count("test/acc") == 1  # one table, from rank zero
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
