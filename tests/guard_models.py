@@ -5,13 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def linear(n_in: int, n_out: int, value: float = 0.1) -> nn.Linear:
-    """A Linear with constant weights: deterministic, and never a dead unit by accident."""
-    layer = nn.Linear(n_in, n_out)
-    nn.init.constant_(layer.weight, value)
-    nn.init.constant_(layer.bias, 0.0)
-    return layer
+from stand_ins import linear
 
 
 class NumpyEncoder(nn.Module):

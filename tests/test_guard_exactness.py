@@ -70,7 +70,7 @@ def test_slicing_and_indexing_a_parameter_pass():
 
 
 def test_exactly_zero_gradient_of_a_dead_relu_passes():
-    dead = linear(3, 3, value=-1.0)  # every pre-activation negative for positive inputs
+    dead = linear(3, 3, w=-1.0)  # every pre-activation negative for positive inputs
     model = Sequential({"dead": nn.Sequential(dead, nn.ReLU()), "head": linear(3, 2)})
     guard = GradientGuard(model)
     model(X).sum().backward()

@@ -5,17 +5,9 @@ import torch
 from torch import nn
 
 from composites import Parallel
+from stand_ins import linear, with_grad
 
 
-def linear(n_in, n_out, w, b=0.0):
-    m = nn.Linear(n_in, n_out)
-    nn.init.constant_(m.weight, w)
-    nn.init.constant_(m.bias, b)
-    return m
-
-
-def with_grad(model):
-    return {n for n, p in model.named_parameters() if p.grad is not None}
 
 
 X = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
