@@ -30,6 +30,19 @@ def dispatch_top_k(
         >>> chosen.flatten().tolist(), ran
         ([1, 0, 1], [0, 1])
     """
+    return _dispatch(branches, scores, x, top_k)
+
+
+# Under torch.compile the per-branch chunk sizes are data: traced, they break the graph at
+# bincount/.tolist() and then recompile the rest for nearly every batch (a new graph per
+# distinct set of counts, ~1 s each, until Dynamo's recompile limit sends it to eager).
+# Left out of the trace, the router before it still compiles into one graph, the dispatch
+# runs eagerly (one graph break, no recompiles), and recursive=False lets a branch the
+# user compiled itself (torch.compile(expert, dynamic=True)) run compiled inside it.
+@torch.compiler.disable(recursive=False)
+def _dispatch(
+    branches: Sequence[nn.Module], scores: Tensor, x: Tensor, top_k: int
+) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     batch = scores.shape[0]
     probs = scores.softmax(dim=-1)  # (batch, branches)
     weight, chosen = probs.topk(top_k, dim=-1)  # (batch, top_k) each
