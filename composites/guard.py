@@ -15,6 +15,8 @@ from .guard_sync import gather_problems, is_distributed, reduce_flags
 from .problems import GradientFlowError, GuardReport, Problem
 from .structure import find_unregistered, submodel_names
 
+HALF = (torch.float16, torch.bfloat16)  # summed in float32 so a long sum cannot overflow
+
 
 class GradientGuard:
     """Check, after every ``loss.backward()``, that each trainable parameter got a gradient.
@@ -139,11 +141,17 @@ class GradientGuard:
         return inactive
 
     def _non_finite(self, loss: Tensor | None) -> bool:
-        """One fused max-abs reduction over all gradients and one host read."""
+        """Whether any gradient holds NaN/Inf: one reduction per gradient, one host read."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return False
-        bad = not bool(torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all())
+        if grads[0].is_cuda:  # one fused kernel on GPU
+            total = torch.stack(torch._foreach_norm(grads, math.inf)).sum()
+        else:  # on CPU the foreach max-abs is not vectorised: plain sums are ~10x faster (bench.py)
+            total = torch.stack([g.sum(dtype=torch.float32) if g.dtype in HALF else g.sum() for g in grads]).sum()
+        # A sum is NaN/Inf when an element is (or, rarely, when huge finite values overflow:
+        # the diagnosis then checks each gradient itself and reports only real NaN/Inf).
+        bad = not math.isfinite(total.item())
         if bad and self.scaler is not None and self.scaler.is_enabled():
             loss_finite = loss is None or bool(torch.isfinite(loss.detach()).all())
             self._overflows += 1
@@ -174,12 +182,13 @@ class GradientGuard:
         not_in_opt = self._missing_from_optimizer() if self.optimizer is not None else []
         overflow_before = self._overflows
         non_finite = self.check_finite and self._non_finite(loss)
-        if is_distributed():  # one collective: a parameter is fine when any rank reached it
+        distributed = is_distributed()
+        if distributed:  # one collective: a parameter is fine when any rank reached it
             missing, non_finite = reduce_flags(self.params, self._reached, missing, non_finite)
         problems: list[Problem] = []
         if missing or non_finite or not_in_opt or self._unregistered:
             problems = diagnose(self, missing, non_finite, not_in_opt)
-            if is_distributed():
+            if distributed:
                 problems = gather_problems(problems)
         shown = inactive - self._reached
         report = GuardReport(
@@ -189,7 +198,7 @@ class GradientGuard:
             problems=problems,
             overflow=self._overflows > overflow_before,
             _names=self.names,
-            _frozen=set(range(len(self.params))) - trainable,
+            _trainable=trainable,
             _inactive=shown,
             _norms=self.grad_norms,
         )

@@ -97,7 +97,7 @@ class GuardReport:
     problems: list[Problem] = field(default_factory=list)
     overflow: bool = False
     _names: list[str] = field(default_factory=list, repr=False)
-    _frozen: set[int] = field(default_factory=set, repr=False)
+    _trainable: set[int] = field(default_factory=set, repr=False)
     _inactive: set[int] = field(default_factory=set, repr=False)
     _norms: Callable[[], dict[str, float]] | None = field(default=None, repr=False)
 
@@ -107,7 +107,7 @@ class GuardReport:
 
     @property
     def frozen_names(self) -> list[str]:
-        return sorted(self._names[i] for i in self._frozen)
+        return sorted(n for i, n in enumerate(self._names) if i not in self._trainable)
 
     @property
     def inactive_names(self) -> list[str]:

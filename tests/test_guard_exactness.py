@@ -188,3 +188,13 @@ def test_remove_takes_the_hooks_away():
     guard.remove()
     model(X).sum().backward()
     assert not guard._reached and not guard._calls
+
+
+def test_huge_but_finite_gradients_whose_sum_overflows_are_not_non_finite():
+    model = Sequential({"a": linear(3, 3), "b": linear(3, 2)})
+    guard = GradientGuard(model)
+    model(X).sum().backward()
+    for p in model.parameters():
+        p.grad.fill_(3e38)  # each finite, their sum is inf in float32
+    assert torch.isinf(torch.stack([p.grad.sum() for p in model.parameters()]).sum())
+    assert guard.check().ok
