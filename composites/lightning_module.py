@@ -11,8 +11,9 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
-from .distributed import prepare_strategy
 from .conditional import Conditional
+from .distributed import prepare_strategy
+from .epoch_logging import epoch_means, log_epoch, reset_epoch, step_is_logged
 from .guard import GradientGuard
 from .param_groups import build_param_groups, plain
 from .problems import GradientFlowError, GuardReport
@@ -42,10 +43,14 @@ class CompositeModule(pl.LightningModule):
     - ``guard="warn"``: a rank-zero warning with the table, once per distinct set of problems;
     - ``guard="off"``: no hooks, no check, no gradient-norm logging.
 
-    It logs ``{train,val,test}/loss``, the metrics per stage (``train/acc``, ``val/acc``, ...),
-    and every ``trainer.log_every_n_steps`` optimizer steps the learning rate of each group
-    (``lr/<group>``) and the gradient L2 norm of each sub-model (``grad_norm/<sub-model>``).
-    ``predict_step`` returns the model's outputs.
+    It logs the sample-weighted mean loss and the metrics once per epoch (``train/loss_epoch``,
+    ``val/loss``, ``test/loss``, ``train/acc``, ``val/acc``, ...; val/test over all DDP ranks),
+    and on the steps Lightning writes (every ``trainer.log_every_n_steps``) the step's training
+    loss (``train/loss_step``), each group's learning rate (``lr/<group>``) and each sub-model's
+    gradient L2 norm (``grad_norm/<sub-model>``). A ``self.log`` per step would cost more than a
+    small model's step, so between those steps only the metrics and a loss sum on the device are
+    updated: the progress bar's ``train/loss_step`` changes only then (and on an epoch's last
+    batch). ``predict_step`` returns the model's outputs.
 
     Args:
         model: the model to train.
@@ -61,7 +66,8 @@ class CompositeModule(pl.LightningModule):
         guard: ``"raise"`` (default), ``"warn"`` or ``"off"``.
         load_balancing: weight of the Switch-Transformer load-balancing loss of every
             score-routed :class:`Conditional`, added to the training loss so a learned gate
-            keeps using all its experts (0 turns it off).
+            keeps using all its experts (0 turns it off). Logged as ``train/load_balancing_step``
+            and ``train/load_balancing_epoch`` (1.0 is perfectly balanced).
 
     Example:
         >>> from functools import partial
@@ -107,6 +113,7 @@ class CompositeModule(pl.LightningModule):
         self.train_metrics = _stage_metrics(metrics, "train")
         self.val_metrics = _stage_metrics(metrics, "val")
         self.test_metrics = _stage_metrics(metrics, "test")
+        self.epoch_means = epoch_means(load_balancing=bool(self.gates))  # loss sums, logged once per epoch
         self.guard: GradientGuard | None = None
         self.report: GuardReport | None = None  # the last check's report
         self._warned: set[frozenset[tuple[str, str]]] = set()
@@ -162,10 +169,8 @@ class CompositeModule(pl.LightningModule):
                 rank_zero_warn(f"gradient guard (guard='warn', training goes on): {GradientFlowError(self.report.problems)}")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Same cadence as Lightning's step logging (it flushes when batches_that_stepped + 1 is a
-        # multiple of log_every_n_steps); grad_norms() costs a device sync, so only then.
-        every = self.trainer.log_every_n_steps
-        if not (self.trainer.fast_dev_run or (every > 0 and (self.trainer.global_step + 1) % every == 0)):
+        # Only on steps Lightning writes: grad_norms() costs a device sync.
+        if not step_is_logged(self.trainer):
             return
         logs = {f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
         if self.report is not None:  # grads now hold every micro-batch of this step
@@ -183,18 +188,43 @@ class CompositeModule(pl.LightningModule):
         loss = self.loss_fn(out, y)
         n = len(y)
         train = stage == "train"
+        # Step values only when Lightning writes them, and on an epoch's last batch so the progress
+        # bar and callback_metrics end the epoch on its final step.
+        log_step = train and self._trainer is not None and (step_is_logged(self._trainer) or self._trainer.is_last_batch)
         if train and self.gates:
             balance = [g.load_balancing_loss() for g in self.gates if g._gate is not None]
-            if balance:  # 1.0 is perfectly balanced; logged so a collapsing gate shows
-                self.log("train/load_balancing", sum(balance) / len(balance), on_step=True, on_epoch=True, batch_size=n)
+            if balance:  # logged so a collapsing gate shows
+                mean_balance = sum(balance) / len(balance)
+                self.epoch_means["train_load_balancing"].update(mean_balance, n)
+                if log_step:
+                    self.log("train/load_balancing_step", mean_balance, on_step=True, on_epoch=False, batch_size=n)
                 loss = loss + self.load_balancing * sum(balance)
-        # val/test losses are averaged over ranks (checkpointing and schedulers read them); the
-        # training loss is not, which would cost a collective every step
-        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=not train)
+        self.epoch_means[f"{stage}_loss"].update(loss, n)
+        if log_step:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         if metrics is not None:
             metrics.update(out.detach(), y)
-            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not train, batch_size=n)
         return loss
+
+    # A fresh start each epoch (Lightning resets what it logged, but a sanity check or an
+    # interrupted epoch may leave state); one self.log per value at the end.
+    def on_train_epoch_start(self) -> None:
+        reset_epoch(self.epoch_means, "train", self.train_metrics)
+
+    def on_validation_epoch_start(self) -> None:
+        reset_epoch(self.epoch_means, "val", self.val_metrics)
+
+    def on_test_epoch_start(self) -> None:
+        reset_epoch(self.epoch_means, "test", self.test_metrics)
+
+    def on_train_epoch_end(self) -> None:
+        log_epoch(self, self.epoch_means, "train", self.train_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        log_epoch(self, self.epoch_means, "val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        log_epoch(self, self.epoch_means, "test", self.test_metrics)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train", self.train_metrics)

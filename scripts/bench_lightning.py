@@ -143,7 +143,7 @@ def lightning_epoch(s: Settings) -> list[Row]:
         compared("lightning", "whole fit(): CompositeModule+Trainer / raw loop", t, "lightning", "raw",
                  note="incl. Trainer() and fit setup/teardown"),
         compared("lightning", "epoch: Lightning bare (guard off, no metrics) / raw bare", t, "lightning bare epoch", "raw bare epoch",
-                 note="Lightning's loop + one self.log per step"),
+                 note="Lightning's own loop, CompositeModule's logging"),
         compared("lightning", "epoch: raw with metrics / raw bare", t, "raw epoch", "raw bare epoch", note="the metric bookkeeping itself"),
         compared("lightning", "epoch at batch 256: CompositeModule+Trainer / raw loop", t, "lightning b256 epoch", "raw b256 epoch",
                  note=f"{big} batches of 256: same data, a quarter of the steps"),

@@ -266,6 +266,179 @@ def test_metrics_are_cloned_per_stage_and_logged_with_prefixes():
     assert set(t.logged_metrics) == {"test/acc", "test/loss"}
 
 
+def micro_accuracy():
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy
+
+    return MetricCollection({"acc": MulticlassAccuracy(num_classes=3, average="micro")})  # correct / seen
+
+
+class Recorder(pl.Callback):
+    """What every step computed, seen apart from logging: (loss, batch size, correct) per stage and epoch."""
+
+    def __init__(self):
+        self.seen: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
+        self.step_loss: dict[int, float] = {}
+        self.balance: dict[int, list[tuple[float, int]]] = {}
+
+    def _correct(self, module, batch) -> int:
+        with torch.no_grad():
+            return int((module(batch[0]).argmax(-1) == batch[1]).sum())
+
+    def _add(self, trainer, stage, loss, batch, correct):
+        self.seen.setdefault((stage, trainer.current_epoch), []).append((float(loss), len(batch[1]), correct))
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._train_correct = self._correct(module, batch)  # before the step changes the weights
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._add(trainer, "train", outputs["loss"], batch, self._train_correct)
+        self.step_loss[trainer.global_step - 1] = float(outputs["loss"])
+        if module.gates:
+            self.balance.setdefault(trainer.current_epoch, []).append((float(module.model.load_balancing_loss()), len(batch[1])))
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:  # the sanity check must leave no trace in val/*
+            self._add(trainer, "val", outputs, batch, self._correct(module, batch))
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._add(trainer, "test", outputs, batch, self._correct(module, batch))
+
+    def loss(self, stage: str, epoch: int) -> float:
+        """The sample-weighted mean over the epoch's batches, as per-step logging with batch_size=n gave."""
+        rows = self.seen[(stage, epoch)]
+        return sum(loss * n for loss, n, _ in rows) / sum(n for _, n, _ in rows)
+
+    def acc(self, stage: str, epoch: int) -> float:
+        rows = self.seen[(stage, epoch)]
+        return sum(c for _, _, c in rows) / sum(n for _, n, _ in rows)
+
+
+def csv_rows(path) -> list[dict[str, str]]:
+    with open(path / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_epoch_values_are_sample_weighted_means_of_what_each_step_computed(tmp_path):
+    rec = Recorder()
+    module = CompositeModule(two_stage(), nn.CrossEntropyLoss(), partial(torch.optim.SGD, lr=0.5), metrics=micro_accuracy())
+    logger = pl.loggers.CSVLogger(tmp_path, name="", version="")
+    t = trainer(logger=logger, max_epochs=2, log_every_n_steps=3, callbacks=[rec], limit_val_batches=None, num_sanity_val_steps=1)
+    t.fit(module, loader(n=30, batch_size=8), loader(n=21, batch_size=5))  # batches of 8,8,8,6 and 5,5,5,5,1
+    rows = csv_rows(tmp_path)
+    for epoch in (0, 1):
+        row = lambda key: next(r for r in rows if r.get(key) and int(r["epoch"]) == epoch)  # noqa: E731
+        assert float(row("train/loss_epoch")["train/loss_epoch"]) == pytest.approx(rec.loss("train", epoch), rel=1e-6)
+        assert float(row("train/acc")["train/acc"]) == pytest.approx(rec.acc("train", epoch), rel=1e-6)
+        assert float(row("val/loss")["val/loss"]) == pytest.approx(rec.loss("val", epoch), rel=1e-6)
+        assert float(row("val/acc")["val/acc"]) == pytest.approx(rec.acc("val", epoch), rel=1e-6)
+    unweighted = sum(loss for loss, _, _ in rec.seen[("val", 1)]) / 5
+    assert unweighted != pytest.approx(rec.loss("val", 1), rel=1e-3)  # so the check above tells the two apart
+    steps = {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+    assert steps == pytest.approx({2: rec.step_loss[2], 5: rec.step_loss[5]}, rel=1e-6)  # steps 3 and 7 are never written
+    assert t.callback_metrics["train/loss"].item() == pytest.approx(rec.loss("train", 1), rel=1e-6)  # monitorable
+    assert t.callback_metrics["train/loss_step"].item() == pytest.approx(rec.step_loss[7], rel=1e-6)  # the last step
+
+    done = t.current_epoch  # what the Recorder files test and validate runs after fit under
+    results = t.test(module, loader(n=17, batch_size=4), verbose=False)  # 4,4,4,4,1
+    assert results[0] == pytest.approx({"test/loss": rec.loss("test", done), "test/acc": rec.acc("test", done)}, rel=1e-6)
+    results = t.validate(module, loader(n=21, batch_size=5), verbose=False)
+    assert results[0] == pytest.approx({"val/loss": rec.loss("val", done), "val/acc": rec.acc("val", done)}, rel=1e-6)
+
+
+def test_self_log_runs_per_step_only_on_steps_lightning_writes():
+    calls: list[tuple[str, int, str]] = []
+
+    class Counting(CompositeModule):
+        def log(self, name, *args, **kwargs):
+            calls.append((self._current_fx_name, self.trainer.global_step, name))
+            super().log(name, *args, **kwargs)
+
+    module = Counting(two_stage(), nn.CrossEntropyLoss(), ADAM, metrics=micro_accuracy(), guard="off")
+    t = trainer(max_epochs=2, log_every_n_steps=3, limit_val_batches=2)
+    t.fit(module, loader(), loader())  # 4 steps an epoch: written at steps 2 and 5; 3 and 7 end an epoch
+    assert [(fx, step) for fx, step, _ in calls if fx in ("training_step", "validation_step")] == [
+        ("training_step", 2), ("training_step", 3), ("training_step", 5), ("training_step", 7),
+    ]
+    assert {name for fx, _, name in calls if fx == "on_train_epoch_end"} == {"train/loss_epoch", "train/loss", "train/acc"}
+    assert {name for fx, _, name in calls if fx == "on_validation_epoch_end"} == {"val/loss", "val/acc"}
+
+
+def test_fast_dev_run_logs_every_key():
+    t = trainer(fast_dev_run=True)
+    t.fit(CompositeModule(two_stage(), nn.CrossEntropyLoss(), ADAM, metrics=micro_accuracy()), loader(), loader())
+    assert set(t.logged_metrics) >= {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "lr/default"}
+
+
+def test_load_balancing_is_logged_at_the_step_cadence_and_as_an_epoch_mean(tmp_path):
+    model = Conditional({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)}, router=nn.Linear(4, 2))
+    rec = Recorder()
+    logger = pl.loggers.CSVLogger(tmp_path, name="", version="")
+    t = trainer(logger=logger, log_every_n_steps=2, callbacks=[rec])
+    t.fit(CompositeModule(model, nn.CrossEntropyLoss(), ADAM, load_balancing=0.1), loader(n=30, batch_size=8))
+    rows = csv_rows(tmp_path)
+    steps = {int(r["step"]): float(r["train/load_balancing_step"]) for r in rows if r.get("train/load_balancing_step")}
+    assert steps == pytest.approx({1: rec.balance[0][1][0], 3: rec.balance[0][3][0]}, rel=1e-6)
+    mean = sum(b * n for b, n in rec.balance[0]) / sum(n for _, n in rec.balance[0])
+    (epoch_row,) = [r for r in rows if r.get("train/load_balancing_epoch")]
+    assert float(epoch_row["train/load_balancing_epoch"]) == pytest.approx(mean, rel=1e-6)
+    assert t.callback_metrics["train/load_balancing"].item() == pytest.approx(mean, rel=1e-6)
+
+
+DDP_VALIDATE = '''
+import json, sys
+from functools import partial
+import pytorch_lightning as pl, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from composites import CompositeModule, Sequential
+
+class Data(pl.LightningDataModule):
+    def val_dataloader(self):  # rank r: 10 + r samples in batches of 4 + r (4,4,2 and 5,5,1)
+        r = self.trainer.global_rank
+        g = torch.Generator().manual_seed(r)
+        x, y = torch.randn(10 + r, 4, generator=g), torch.randint(0, 3, (10 + r,), generator=g)
+        return DataLoader(TensorDataset(x, y), batch_size=4 + r)
+
+torch.manual_seed(0)
+model = Sequential({"encoder": nn.Linear(4, 4), "head": nn.Linear(4, 3)})
+metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=3, average="micro")})
+module = CompositeModule(model, nn.CrossEntropyLoss(), partial(torch.optim.SGD, lr=0.1), metrics=metrics)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, use_distributed_sampler=False)
+data = Data()
+logged = {k: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()}
+with torch.no_grad():
+    seen = [(nn.functional.cross_entropy(model(x), y).item(), len(y), int((model(x).argmax(-1) == y).sum())) for x, y in data.val_dataloader()]
+json.dump({"logged": logged, "seen": seen}, open(f"{sys.argv[1]}/rank{trainer.global_rank}.json", "w"))
+'''
+
+
+@pytest.mark.slow
+def test_val_loss_and_metrics_under_ddp_are_the_global_sample_weighted_values_on_every_rank(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp_validate.py"
+    script.write_text(DDP_VALIDATE)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    seen = [row for rank in ranks for row in rank["seen"]]  # 21 samples over both ranks
+    loss = sum(l * n for l, n, _ in seen) / sum(n for _, n, _ in seen)
+    acc = sum(c for _, _, c in seen) / sum(n for _, n, _ in seen)
+    for rank in ranks:
+        assert rank["logged"] == pytest.approx({"val/loss": loss, "val/acc": acc}, rel=1e-6)
+    assert "sync_dist=True" not in done.stderr  # values are synced by torchmetrics, not left per rank
+
+
 def test_predict_step_returns_model_outputs():
     module = CompositeModule(two_stage(), nn.CrossEntropyLoss(), ADAM)
     outputs = trainer().predict(module, loader(n=10, batch_size=4))
