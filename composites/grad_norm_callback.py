@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # headless: no pyplot, no display
 from matplotlib.figure import Figure
-from torch import Tensor, nn
+from torch import nn
 
-from .structure import submodel_names
+from .structure import grouped_grad_norms, submodel_names
 
 
 def submodel_grad_norms(model: nn.Module) -> dict[str, float]:
@@ -31,15 +30,8 @@ def submodel_grad_norms(model: nn.Module) -> dict[str, float]:
         >>> sorted(submodel_grad_norms(model))
         ['encoder', 'head']
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-    owners = submodel_names(model, [n for n, _ in named])
-    groups: dict[str, list[Tensor]] = {}
-    for name, p in named:
-        groups.setdefault(owners[name] or "(model)", []).append(p.grad.detach())
-    if not groups:
-        return {}
-    norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for g in groups.values()]
-    return dict(zip(groups, torch.stack(norms).tolist()))
+    named = list(model.named_parameters())
+    return grouped_grad_norms(named, submodel_names(model, [n for n, _ in named]))
 
 
 def _trainable_submodels(pl_module: nn.Module) -> list[str]:

@@ -13,7 +13,7 @@ from .conditional import Conditional
 from .diagnosis import diagnose
 from .guard_sync import gather_problems, is_distributed, reduce_flags
 from .problems import GradientFlowError, GuardReport, Problem
-from .structure import find_unregistered, submodel_names
+from .structure import find_unregistered, grouped_grad_norms, submodel_names
 
 
 class GradientGuard:
@@ -206,11 +206,4 @@ class GradientGuard:
 
     def grad_norms(self) -> dict[str, float]:
         """L2 norm of each sub-model's current gradient (qualified name -> norm); one host read."""
-        groups: dict[str, list[Tensor]] = {}
-        for name, p in zip(self.names, self.params):
-            if p.grad is not None:
-                groups.setdefault(self.submodels[name] or "(model)", []).append(p.grad)
-        if not groups:
-            return {}
-        per_group = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for g in groups.values()]
-        return dict(zip(groups, torch.stack(per_group).tolist()))
+        return grouped_grad_norms(zip(self.names, self.params), self.submodels)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
+import torch
 from torch import Tensor, nn
 
 from .conditional import Conditional
@@ -66,3 +69,25 @@ def find_unregistered(model: nn.Module) -> list[tuple[str, str]]:
                     suffix = f"[{k}]" if values is value else ""
                     found.append((_join(path, attr) + suffix, path))
     return found
+
+
+def grouped_grad_norms(named: Iterable[tuple[str, nn.Parameter]], owners: Mapping[str, str]) -> dict[str, float]:
+    """L2 norm of the current gradient of each sub-model (``owners``: parameter -> sub-model).
+
+    Parameters without a gradient are left out; one host read for all groups.
+
+    Example:
+        >>> import torch
+        >>> w = nn.Parameter(torch.zeros(2))
+        >>> w.grad = torch.tensor([3.0, 4.0])
+        >>> grouped_grad_norms([("head.w", w)], {"head.w": "head"})
+        {'head': 5.0}
+    """
+    groups: dict[str, list[Tensor]] = {}
+    for name, p in named:
+        if p.grad is not None:
+            groups.setdefault(owners[name] or "(model)", []).append(p.grad.detach())
+    if not groups:
+        return {}
+    norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for g in groups.values()]
+    return dict(zip(groups, torch.stack(norms).tolist()))

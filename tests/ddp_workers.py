@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from composites import Conditional, GradientFlowError, GradientGuard, Sequential
+from composites import Conditional, GradientFlowError, GradientGuard
 from guard_models import linear
 
 

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
