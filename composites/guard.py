@@ -72,7 +72,6 @@ class GradientGuard:
         # grad-enabled calls of the model and of its direct children (a loop may call those
         # itself: encoder then head), kept until the next check so a failure can be replayed
         self._calls: deque[tuple[nn.Module, tuple, dict]] = deque(maxlen=16)
-        self._replaying = False
         self._overflows = 0
         self._handles = [m.register_forward_pre_hook(self._record_call, with_kwargs=True) for m in (model, *model.children())]
         self._hooked: set[int] = set()
@@ -83,7 +82,7 @@ class GradientGuard:
             for path, c in model.named_modules()
             if isinstance(c, Conditional)
         ]
-        self._unregistered = find_unregistered(model)
+        self._unregistered = self._scan()
         self._scanned_after_forward = False
         self.optimizer: torch.optim.Optimizer | None = None
         self._optimizer_key: tuple[int, int] | None = None
@@ -114,7 +113,7 @@ class GradientGuard:
         self._hooked |= indices
 
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.is_grad_enabled() and not self._replaying:
+        if torch.is_grad_enabled():
             self._calls.append((module, args, kwargs))
 
     def _missing_from_optimizer(self) -> list[int]:
