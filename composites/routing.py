@@ -53,7 +53,8 @@ def _dispatch(
     chunks = x[sample].split(counts)  # per-branch inputs, contiguous
     outputs = [branches[i](chunk) for i, chunk in enumerate(chunks) if counts[i] > 0]
     ran = [i for i, n in enumerate(counts) if n > 0]
-    y = torch.cat(outputs)  # (batch * top_k, ...), in sorted order
+    # an empty batch runs the first branch on its empty chunk, only to learn the output's shape
+    y = torch.cat(outputs) if outputs else branches[0](chunks[0])  # (batch * top_k, ...), sorted
     w = weight.reshape(-1)[order].to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))  # AMP: keep the branch dtype
     out = y.new_zeros((batch, *y.shape[1:])).index_add(0, sample, y * w)
     return out, probs, chosen, ran

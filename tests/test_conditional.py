@@ -186,3 +186,10 @@ def test_bad_construction_is_refused():
     for name in ("router", "top_k", "forward"):
         with pytest.raises(ValueError, match=f"branch name '{name}' cannot be used"):
             Conditional({name: nn.Identity(), "b": nn.Identity()}, router=lambda x: "b")
+
+
+def test_empty_batch_with_a_gate_gives_an_empty_output_and_runs_nothing():
+    model = Conditional({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)}, router=nn.Linear(4, 2))
+    out = model(torch.zeros(0, 4))
+    assert out.shape == (0, 3)
+    assert model.active_branches == ()
