@@ -19,8 +19,8 @@ from .structure import find_unregistered, grouped_grad_norms, submodel_names
 class GradientGuard:
     """Check, after every ``loss.backward()``, that each trainable parameter got a gradient.
 
-    "Got a gradient" is exact per backward: a hook on every parameter fires when autograd
-    accumulates into it, so leftover gradients from an earlier micro-batch or a zeroed
+    "Got a gradient" is exact per backward: a hook on every parameter fires when a gradient
+    arrives for it, so leftover gradients from an earlier micro-batch or a zeroed
     ``.grad`` (``zero_grad(set_to_none=False)``) cannot hide a cut. The per-step check is a
     set difference plus, with ``check_finite``, one fused reduction and one host read. Only
     when something is wrong does the guard replay the last forward with tracing hooks to name
@@ -106,10 +106,19 @@ class GradientGuard:
         self._hooked.clear()
 
     def _hook(self, indices: set[int]) -> None:
-        """Mark each parameter as reached when autograd accumulates into it (frozen ones cannot be hooked)."""
+        """Mark each parameter as reached when a gradient arrives for it (frozen ones cannot be hooked).
+
+        A tensor hook, not a post-accumulate one: under torch.compile the compiled backward
+        visits every parameter and hands the unreached ones ``None``, which only this hook sees.
+        """
         add = self._reached.add
         for i in indices:
-            self._handles.append(self.params[i].register_post_accumulate_grad_hook(lambda _, i=i: add(i)))
+
+            def arrived(grad: Tensor | None, i: int = i) -> None:
+                if grad is not None:
+                    add(i)
+
+            self._handles.append(self.params[i].register_hook(arrived))
         self._hooked |= indices
 
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

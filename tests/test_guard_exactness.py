@@ -198,3 +198,21 @@ def test_huge_but_finite_gradients_whose_sum_overflows_are_not_non_finite():
         p.grad.fill_(3e38)  # each finite; their norms and sums overflow to inf in float32
     assert torch.isinf(torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).sum())
     assert guard.check().ok
+
+
+@pytest.mark.slow
+def test_a_cut_inside_a_torch_compiled_model_is_caught():
+    class Cut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = linear(3, 3), linear(3, 2)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x).detach())
+
+    model = Cut()
+    guard = GradientGuard(model)
+    torch.compile(model)(X).sum().backward()  # the compiled backward hands fc1 a None gradient
+    with pytest.raises(GradientFlowError) as caught:
+        guard.check()
+    assert {(p.parameter, p.cause) for p in caught.value.problems} == {("fc1.weight", "detached"), ("fc1.bias", "detached")}
