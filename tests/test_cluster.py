@@ -1,5 +1,6 @@
 """Scale-out presets: DDP on CPU through gloo with a Conditional, FSDP refused, SLURM configs."""
 
+import os
 import subprocess
 import sys
 
@@ -66,3 +67,23 @@ def test_two_process_gloo_ddp_run_of_the_script_with_a_conditional_finishes(tmp_
     assert "DDP: find_unused_parameters=True, because the Conditional 'experts'" in out
     assert done.stdout.count("test/acc") == 1  # one table, from rank zero
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_under_two_process_ddp_a_detached_encoder_stops_every_rank_with_the_same_table(tmp_path):
+    command = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "+composite=sequential", "trainer=ddp",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+        "model.stages.encoder._target_=broken_models.DetachedConvEncoder", f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)  # fails, never hangs
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    tables = [part.split("\nfix detached")[0] for part in out.split("composites.problems.GradientFlowError: ")[1:]]
+    assert len(tables) == 2, out[-3000:]  # rank 0 and rank 1 both raised ...
+    assert tables[0] == tables[1]  # ... the same table
+    rows = [line.split() for line in tables[0].splitlines()[2:]]
+    assert {(r[0], r[1], r[2]) for r in rows} == {
+        (f"encoder.{layer}.{w}", "encoder", "detached") for layer in ("features.0", "features.2", "project.0") for w in ("weight", "bias")
+    }
