@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._util import describe, named_modules_from, register_children
+from .sequential import run_child
 
 COMBINES = ("concat", "sum", "mean", "stack", "dict")
 
@@ -68,10 +69,10 @@ class Parallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         per_branch = self._per_branch_inputs(args, kwargs)
-        if per_branch is not None:
-            outputs = {name: self._modules[name](per_branch[name]) for name in self.branch_names}
-        else:
-            outputs = {name: self._modules[name](*args, **kwargs) for name in self.branch_names}
+        outputs = {
+            name: run_child(name, self._modules[name], *(((per_branch[name],), {}) if per_branch is not None else (args, kwargs)), role="branch")
+            for name in self.branch_names
+        }
         return self.combine(outputs)
 
     def _per_branch_inputs(self, args: tuple, kwargs: dict) -> Mapping[str, Any] | None:

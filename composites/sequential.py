@@ -12,35 +12,47 @@ from ._util import describe, named_modules_from, register_children
 
 
 class StageError(RuntimeError):
-    """A stage of a :class:`Sequential` raised; the message names the stage and what it received.
+    """A stage of a :class:`Sequential` (or a branch of a :class:`Parallel`) raised.
 
-    ``stage`` is the dotted path of the failing stage (a nested Sequential extends it),
+    The message names it and what it received. ``stage`` is the dotted path of the failing
+    sub-model (each enclosing composite extends it), ``role`` says ``"stage"`` or ``"branch"``,
     ``received`` the shapes it was given, ``cause`` the original exception.
     """
 
-    def __init__(self, stage: str, module: str, received: str, cause: BaseException):
-        self.stage, self.module, self.received, self.cause = stage, module, received, cause
+    def __init__(self, stage: str, module: str, received: str, cause: BaseException, role: str = "stage"):
+        self.stage, self.module, self.received, self.cause, self.role = stage, module, received, cause, role
         super().__init__(
-            f"stage '{stage}' ({module}) failed on input {received}: {type(cause).__name__}: {cause}"
+            f"{role} '{stage}' ({module}) failed on input {received}: {type(cause).__name__}: {cause}"
         )
 
-    def __reduce__(self):  # pickle (multiprocessing, DDP spawn) rebuilds it from all four fields
-        return type(self), (self.stage, self.module, self.received, self.cause)
+    def __reduce__(self):  # pickle (multiprocessing, DDP spawn) rebuilds it from all its fields
+        return type(self), (self.stage, self.module, self.received, self.cause, self.role)
 
     @classmethod
-    def wrap(cls, name: str, stage: nn.Module, received: str, error: Exception) -> StageError:
-        if isinstance(error, StageError):  # nested Sequential: keep the innermost stage, longer path
-            return cls(f"{name}.{error.stage}", error.module, error.received, error.cause)
-        return cls(name, type(stage).__name__, received, error)
+    def wrap(cls, name: str, child: nn.Module, received: str, error: Exception, role: str = "stage") -> StageError:
+        if isinstance(error, StageError):  # nested composites: keep the innermost failure, longer path
+            return cls(f"{name}.{error.stage}", error.module, error.received, error.cause, error.role)
+        return cls(name, type(child).__name__, received, error, role)
 
 
-def call_stage(stage: nn.Module, value: Any) -> Any:
-    """Feed one stage: a tuple becomes positional arguments, a mapping keyword arguments."""
+def run_child(name: str, child: nn.Module, args: tuple, kwargs: dict, role: str = "stage") -> Any:
+    """Call a composite's sub-model; when it raises, re-raise naming it and what it received."""
+    if torch.compiler.is_compiling():  # no try/except in traced code: one graph, no breaks
+        return child(*args, **kwargs)
+    try:
+        return child(*args, **kwargs)
+    except Exception as error:
+        received = describe(args[0]) if len(args) == 1 and not kwargs else describe(args + tuple(kwargs.values()))
+        raise StageError.wrap(name, child, received, error, role) from error
+
+
+def as_call(value: Any) -> tuple[tuple, dict]:
+    """How one stage's output feeds the next: a tuple positionally, a mapping by keyword."""
     if isinstance(value, tuple):
-        return stage(*value)
+        return value, {}
     if isinstance(value, Mapping):
-        return stage(**value)
-    return stage(value)
+        return (), dict(value)
+    return (value,), {}
 
 
 class Sequential(nn.Module):
@@ -71,19 +83,8 @@ class Sequential(nn.Module):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        first, *rest = self.stage_names
-        if torch.compiler.is_compiling():  # no try/except in traced code: one graph, no breaks
-            value = self._modules[first](*args, **kwargs)
-            for name in rest:
-                value = call_stage(self._modules[name], value)
-            return value
-        try:
-            value = self._modules[first](*args, **kwargs)
-        except Exception as error:
-            raise StageError.wrap(first, self._modules[first], describe(args + tuple(kwargs.values())), error) from error
-        for name in rest:
-            try:
-                value = call_stage(self._modules[name], value)
-            except Exception as error:
-                raise StageError.wrap(name, self._modules[name], describe(value), error) from error
+        value = None
+        for name in self.stage_names:
+            value = run_child(name, self._modules[name], args, kwargs)
+            args, kwargs = as_call(value)
         return value

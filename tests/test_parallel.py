@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from composites import Parallel
+from composites import Parallel, Sequential, StageError
 from stand_ins import linear, with_grad
 
 
@@ -151,3 +151,10 @@ def test_only_branches_that_reach_the_loss_get_gradients():
     model(X)["a"].sum().backward()
     assert with_grad(model) == {"a.weight", "a.bias"}
     assert torch.equal(model.a.weight.grad, X.sum(0).expand(2, 2))
+
+
+def test_a_failing_branch_is_named_with_its_path_and_input():
+    model = Sequential({"fuse": Parallel({"image": nn.Linear(4, 2), "flat": nn.Linear(5, 2)})})
+    with pytest.raises(StageError, match=r"^branch 'fuse\.flat' \(Linear\) failed on input Tensor\[3, 4\]: RuntimeError") as caught:
+        model(torch.zeros(3, 4))
+    assert (caught.value.stage, caught.value.role) == ("fuse.flat", "branch")

@@ -81,7 +81,7 @@ def test_stage_error_names_stage_and_received_shape():
 
 def test_first_stage_error_describes_call_arguments():
     model = Sequential({"encoder": nn.Linear(4, 8), "head": nn.Linear(8, 2)})
-    with pytest.raises(StageError, match=r"stage 'encoder' \(Linear\) failed on input \(Tensor\[3, 5\]\)"):
+    with pytest.raises(StageError, match=r"stage 'encoder' \(Linear\) failed on input Tensor\[3, 5\]: "):
         model(torch.zeros(3, 5))
 
 
