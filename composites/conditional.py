@@ -32,6 +32,9 @@ class Conditional(nn.Module):
             router is registered as the child ``router``.
         top_k: branches per sample in score routing.
 
+    Extra call arguments go to the router (and, in batch routing, to the chosen branch); in
+    per-sample routing the branches get only their samples of ``x``.
+
     Example:
         >>> import torch
         >>> from torch import nn
