@@ -25,10 +25,10 @@ def diagnose(guard: GradientGuard, missing: set[int], non_finite: bool, not_in_o
     if missing:
         problems += _explain_missing(guard, sorted(missing))
     problems += [Problem(names[i], submodels[names[i]], "not_in_optimizer") for i in not_in_opt]
-    if non_finite:
-        for name, p in zip(names, guard.params):
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                problems.append(Problem(name, submodels[name], "non_finite"))
+    if non_finite:  # which gradients, read back once: a step whose finite norms overflowed lands here too
+        held = [(name, p.grad) for name, p in zip(names, guard.params) if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for _, g in held]).tolist() if held else []
+        problems += [Problem(name, submodels[name], "non_finite") for (name, _), ok in zip(held, finite) if not ok]
     return problems
 
 

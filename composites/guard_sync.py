@@ -45,12 +45,9 @@ def gather_problems(problems: list[Problem]) -> list[Problem]:
     """Every rank's diagnosis merged, so every rank raises the same error (failure path only)."""
     gathered: list[list[Problem] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, problems)
-    merged: dict[tuple[str, str], Problem] = {}
+    # one line per parameter: the lowest rank's diagnosis wins
+    by_param: dict[str, Problem] = {}
     for rank_problems in gathered:
         for p in rank_problems or []:
-            merged.setdefault((p.parameter, p.cause), p)
-    # one line per parameter: the first rank's most specific cause wins
-    by_param: dict[str, Problem] = {}
-    for p in merged.values():
-        by_param.setdefault(p.parameter, p)
+            by_param.setdefault(p.parameter, p)
     return sorted(by_param.values(), key=lambda p: p.parameter)

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 import ddp_workers
 
-TIMEOUT_S = 120
+TIMEOUT_S = 300  # a hang fails here; a slow, busy 2-core machine does not
 
 
 def free_port() -> int:
