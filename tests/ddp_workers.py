@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 
 import torch
@@ -30,6 +31,7 @@ class RankRouted(nn.Module):
 
 
 def run(rank: int, world: int, port: int, scenario: str, results) -> None:
+    faulthandler.dump_traceback_later(90, exit=True)  # a hung rank prints where it hangs, then exits
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
