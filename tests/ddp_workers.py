@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,25 +32,41 @@ class RankRouted(nn.Module):
         return out + self.aux(h) if self.use_aux else out
 
 
-def run(rank: int, world: int, port: int, scenario: str, results) -> None:
+def verdicts(scenario: str) -> list:
+    """What the guard says on this rank over three steps; every DDP object dies with this frame."""
+    model = RankRouted()
+    if scenario == "unused_everywhere":
+        model.use_aux = False
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    guard = GradientGuard(model)
+    outcome = []
+    for _ in range(3):
+        ddp(torch.ones(4, 3)).sum().backward()
+        try:
+            report = guard.check()
+            outcome.append(["ok", report.inactive_names])
+        except GradientFlowError as error:
+            outcome.append(["error", [[p.parameter, p.module, p.cause] for p in error.problems]])
+            break
+    return outcome
+
+
+def run(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
+    """Write this rank's verdicts to ``out_dir/rank{rank}.json``, then tear down.
+
+    The file is written from this thread before teardown, not through a multiprocessing
+    queue: a queue's feeder thread can be starved by a C++ destructor that holds the GIL, and
+    the verdict would be lost although the rank reached it. DDP is freed while its process
+    group is alive, then the group is destroyed.
+    """
     faulthandler.dump_traceback_later(90, exit=True)  # a hung rank prints where it hangs, then exits
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = RankRouted()
-        if scenario == "unused_everywhere":
-            model.use_aux = False
-        ddp = DistributedDataParallel(model, find_unused_parameters=True)
-        guard = GradientGuard(model)
-        outcome = []
-        for _ in range(3):
-            ddp(torch.ones(4, 3)).sum().backward()
-            try:
-                report = guard.check()
-                outcome.append(("ok", report.inactive_names))
-            except GradientFlowError as error:
-                outcome.append(("error", [(p.parameter, p.module, p.cause) for p in error.problems]))
-                break
-        results.put((rank, outcome))
+        outcome = verdicts(scenario)
+        path = Path(out_dir) / f"rank{rank}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(outcome))
+        os.replace(path.with_suffix(".tmp"), path)  # the reader never sees half a file
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1,8 +1,9 @@
 """The guard under two-rank gloo DDP: one verdict on every rank, never a rank raising alone."""
 
-import queue
+import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
@@ -18,41 +19,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(scenario: str) -> dict[int, list]:
-    """Each rank's outcome, as soon as both have reported; fails (never hangs) past the deadline.
+def run_two_ranks(scenario: str, out_dir: Path) -> dict[int, list]:
+    """Each rank's verdicts, as soon as both have written them; fails (never hangs) past the deadline.
 
     What is under test is what the ranks report; a rank slow to tear its process group down
     afterwards is not waited for.
     """
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    procs = mp.start_processes(ddp_workers.run, args=(2, free_port(), scenario, results), nprocs=2, join=False, start_method="spawn")
+    procs = mp.start_processes(ddp_workers.run, args=(2, free_port(), scenario, str(out_dir)), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
-    outcomes: dict[int, list] = {}
+    paths = {rank: out_dir / f"rank{rank}.json" for rank in (0, 1)}
     try:
-        while len(outcomes) < 2:
+        while not all(path.exists() for path in paths.values()):
+            reported = sorted(rank for rank, path in paths.items() if path.exists())
             if time.monotonic() > deadline:
-                pytest.fail(f"DDP scenario '{scenario}': only ranks {sorted(outcomes)} reported within {TIMEOUT_S}s")
-            if not all(p.is_alive() for p in procs.processes) and results.empty():
-                codes = [p.exitcode for p in procs.processes]
-                if any(code not in (None, 0) for code in codes):
-                    pytest.fail(f"DDP scenario '{scenario}': a rank died (exit codes {codes}) after ranks {sorted(outcomes)} reported")
-            try:
-                rank, outcome = results.get(timeout=1)
-                outcomes[rank] = outcome
-            except queue.Empty:
-                pass
+                pytest.fail(f"DDP scenario '{scenario}': only ranks {reported} reported within {TIMEOUT_S}s")
+            codes = [p.exitcode for p in procs.processes]
+            if any(code not in (None, 0) for code in codes) and not all(path.exists() for path in paths.values()):
+                pytest.fail(f"DDP scenario '{scenario}': a rank died (exit codes {codes}) after ranks {reported} reported")
+            time.sleep(0.2)
     finally:
         for p in procs.processes:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    return outcomes
+    return {rank: json.loads(path.read_text()) for rank, path in paths.items()}
 
 
 @pytest.mark.slow
-def test_branch_active_on_one_rank_only_passes_and_routed_out_branch_is_listed():
-    outcomes = run_two_ranks("one_rank")
+def test_branch_active_on_one_rank_only_passes_and_routed_out_branch_is_listed(tmp_path):
+    outcomes = run_two_ranks("one_rank", tmp_path)
     # 'a' runs on rank 0, 'b' on rank 1, so both are reached somewhere; 'c' runs nowhere
     inactive = ["experts.c.bias", "experts.c.weight"]
     for rank in (0, 1):
@@ -62,7 +57,7 @@ def test_branch_active_on_one_rank_only_passes_and_routed_out_branch_is_listed()
 
 
 @pytest.mark.slow
-def test_parameter_unused_on_every_rank_raises_the_same_error_on_every_rank_at_the_first_step():
-    outcomes = run_two_ranks("unused_everywhere")
-    expected = [("error", [("aux.bias", "aux", "unused"), ("aux.weight", "aux", "unused")])]
+def test_parameter_unused_on_every_rank_raises_the_same_error_on_every_rank_at_the_first_step(tmp_path):
+    outcomes = run_two_ranks("unused_everywhere", tmp_path)
+    expected = [["error", [["aux.bias", "aux", "unused"], ["aux.weight", "aux", "unused"]]]]
     assert outcomes[0] == outcomes[1] == expected
