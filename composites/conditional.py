@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._util import named_modules_from, register_children
-from .routing import dispatch_top_k, load_balancing_loss
+from .routing import dispatch_top_k, dispatch_with_capacity, load_balancing_loss
 
 Router = Callable[..., "str | Tensor"]
 
@@ -31,6 +31,12 @@ class Conditional(nn.Module):
             ``None`` when the caller names the branch: ``model(x, route="small")``. A module
             router is registered as the child ``router``.
         top_k: branches per sample in score routing.
+        capacity_factor: score routing into fixed-size slots of ``ceil(capacity_factor *
+            batch * top_k / branches)`` rows per branch, with no host read: for GPUs and
+            ``torch.compile(fullgraph=True)``. A sample past its branch's capacity gets nothing
+            from it; ``dropped`` holds how many (sample, branch) pairs that was, as a device
+            tensor. Every branch runs on its slots, so all count as active. ``None`` (default)
+            sizes each branch's chunk from the routing itself: one host read, nothing dropped.
 
     Extra call arguments go to the router (and, in batch routing, to the chosen branch); in
     per-sample routing the branches get only their samples of ``x``.
@@ -49,11 +55,20 @@ class Conditional(nn.Module):
         True
     """
 
-    def __init__(self, branches: Mapping[str, nn.Module], router: Router | nn.Module | None, top_k: int = 1):
+    def __init__(
+        self,
+        branches: Mapping[str, nn.Module],
+        router: Router | nn.Module | None,
+        top_k: int = 1,
+        capacity_factor: float | None = None,
+    ):
         super().__init__()
         self.branch_names = register_children(
             self, named_modules_from(branches, "branch"), "branch",
-            reserved=("branch_names", "router", "_route_fn", "top_k", "active_branches", "_ran_since_check", "_gate"),
+            reserved=(
+                "branch_names", "router", "_route_fn", "top_k", "capacity_factor", "dropped",
+                "active_branches", "_ran_since_check", "_gate",
+            ),
         )
         if not 1 <= top_k <= len(self.branch_names):
             raise ValueError(f"top_k={top_k} must be between 1 and the number of branches ({len(self.branch_names)})")
@@ -62,7 +77,11 @@ class Conditional(nn.Module):
         self._route_fn = None if isinstance(router, nn.Module) else router
         if isinstance(router, nn.Module):
             self.router = router
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor={capacity_factor} must be positive ({len(self.branch_names) / top_k:g} never drops), or None")
         self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.dropped: Tensor | None = None  # (sample, branch) pairs past capacity in the last forward
         self.active_branches: tuple[str, ...] = ()
         self._ran_since_check: set[str] = set()  # drained by GradientGuard: what ran with grad since its last check
         self._gate: tuple[Tensor, Tensor] | None = None  # (probs, chosen) of the last score routing
@@ -93,10 +112,18 @@ class Conditional(nn.Module):
                 f"for branches {list(self.branch_names)}; got {got}"
             )
         branches = [self._modules[name] for name in self.branch_names]
-        out, probs, chosen, ran = dispatch_top_k(branches, decision, x, self.top_k)
-        self.active_branches = tuple(self.branch_names[i] for i in ran)
-        if torch.is_grad_enabled():  # a validation forward in between trains nothing
-            self._ran_since_check.update(self.active_branches)
+        if self.capacity_factor is None:
+            out, probs, chosen, ran = dispatch_top_k(branches, decision, x, self.top_k)
+            self.active_branches = tuple(self.branch_names[i] for i in ran)
+            if torch.is_grad_enabled():  # a validation forward in between trains nothing
+                self._ran_since_check.update(self.active_branches)
+        else:
+            out, probs, chosen, self.dropped = dispatch_with_capacity(branches, decision, x, self.top_k, self.capacity_factor)
+            self.active_branches = self.branch_names
+            if torch.is_grad_enabled():
+                # every branch ran: a fresh set, not an update, so torch.compile has no set
+                # contents to guard on and keeps one graph whatever the guard drained
+                self._ran_since_check = set(self.branch_names)
         self._gate = (probs, chosen)
         return out
 
@@ -114,6 +141,7 @@ class Conditional(nn.Module):
         # deep-copied or pickled, so a copy starts without it (like a fresh module).
         state = super().__getstate__()
         state["_gate"] = None
+        state["dropped"] = None
         return state
 
     def load_balancing_loss(self) -> Tensor:
@@ -131,4 +159,5 @@ class Conditional(nn.Module):
         how = "router=module" if "router" in self._modules else (
             f"router={getattr(route_fn, '__name__', type(route_fn).__name__)}" if route_fn else "route=<caller>"
         )
-        return f"{how}, top_k={self.top_k}"
+        capacity = f", capacity_factor={self.capacity_factor:g}" if getattr(self, "capacity_factor", None) else ""
+        return f"{how}, top_k={self.top_k}{capacity}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 
 from ._util import describe, named_modules_from, register_children
 from .sequential import run_child
+from .streams import cuda_device_of, run_on_streams
 
 COMBINES = ("concat", "sum", "mean", "stack", "dict")
 
@@ -33,6 +35,10 @@ class Parallel(nn.Module):
         branches: mapping name -> ``nn.Module``.
         combine: one of ``"concat"``, ``"sum"``, ``"mean"``, ``"stack"``, ``"dict"``, or a
             module/callable given the mapping of branch outputs.
+        streams: on CUDA, run each branch on its own CUDA stream so small branches overlap on
+            the GPU (eager mode only; on CPU, and under ``torch.compile``, branches run one
+            after the other as usual). Off by default: it pays only when the branches are
+            too small to fill the GPU on their own.
 
     Example:
         >>> import torch
@@ -48,11 +54,12 @@ class Parallel(nn.Module):
         self,
         branches: Mapping[str, nn.Module],
         combine: str | nn.Module | Callable[[dict[str, Any]], Any] = "concat",
+        streams: bool = False,
     ):
         super().__init__()
         self.branch_names = register_children(
             self, named_modules_from(branches, "branch"), "branch",
-            reserved=("branch_names", "combiner", "mode", "_combine_fn"),
+            reserved=("branch_names", "combiner", "mode", "_combine_fn", "streams"),
         )
         if isinstance(combine, str) and combine not in COMBINES:
             raise ValueError(f"unknown combine '{combine}': choose one of {', '.join(COMBINES)}, or pass a module/callable")
@@ -66,13 +73,17 @@ class Parallel(nn.Module):
             self.mode = combine
         else:
             raise TypeError(f"combine must be a string, an nn.Module or a callable, got {type(combine).__name__}")
+        self.streams = streams
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         per_branch = self._per_branch_inputs(args, kwargs)
-        outputs = {
-            name: run_child(name, self._modules[name], *(((per_branch[name],), {}) if per_branch is not None else (args, kwargs)), role="branch")
-            for name in self.branch_names
-        }
+        calls = {name: ((per_branch[name],), {}) if per_branch is not None else (args, kwargs) for name in self.branch_names}
+        device = cuda_device_of(args, kwargs) if self.streams and not torch.compiler.is_compiling() else None
+        if device is None:
+            outputs = {name: run_child(name, self._modules[name], *call, role="branch") for name, call in calls.items()}
+        else:
+            jobs = {name: partial(run_child, name, self._modules[name], *call, role="branch") for name, call in calls.items()}
+            outputs = run_on_streams(jobs, (args, kwargs), device)
         return self.combine(outputs)
 
     def _per_branch_inputs(self, args: tuple, kwargs: dict) -> Mapping[str, Any] | None:
@@ -115,6 +126,9 @@ class Parallel(nn.Module):
             raise ValueError(f"Parallel combine='{self.mode}' needs {part} from every branch; got {found}")
 
     def extra_repr(self) -> str:
-        return f"combine={self.mode!r}" if self.mode not in ("module", "callable") else (
-            f"combine={getattr(self._combine_fn, '__name__', 'callable')}" if self.mode == "callable" else ""
+        parts = [f"combine={self.mode!r}"] if self.mode not in ("module", "callable") else (
+            [f"combine={getattr(self._combine_fn, '__name__', 'callable')}"] if self.mode == "callable" else []
         )
+        if getattr(self, "streams", False):
+            parts.append("streams=True")
+        return ", ".join(parts)

@@ -1,7 +1,12 @@
-"""Per-sample top-k dispatch: gather each branch's samples, run it once, scatter back."""
+"""Per-sample top-k dispatch: gather each branch's samples, run it once, scatter back.
+
+Two ways: sized by the routing itself (one host read, nothing dropped), or into fixed-capacity
+slots (no host read, static shapes, overflow dropped).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -58,6 +63,52 @@ def _dispatch(
     w = weight.reshape(-1)[order].to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))  # AMP: keep the branch dtype
     out = y.new_zeros((batch, *y.shape[1:])).index_add(0, sample, y * w)
     return out, probs, chosen, ran
+
+
+def dispatch_with_capacity(
+    branches: Sequence[nn.Module], scores: Tensor, x: Tensor, top_k: int, capacity_factor: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k dispatch into fixed-size per-branch slots: no host read, static shapes.
+
+    Each branch gets ``capacity = ceil(capacity_factor * batch * top_k / branches)`` rows.
+    A (sample, branch) pair past its branch's capacity is dropped (earlier samples win) and
+    adds nothing to that sample's output, as in Switch Transformer. Every branch runs on its
+    slots, padded with zero rows, so the shapes depend on the batch size only: nothing is read
+    back to the host and the whole dispatch traces into one graph. ``capacity_factor =
+    branches / top_k`` never drops.
+
+    Returns:
+        ``(output, probs, chosen, dropped)``: as :func:`dispatch_top_k`, with the number of
+        dropped pairs as a tensor on the device instead of the branches that ran.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> scores = torch.tensor([[0.0, 9.0], [0.0, 9.0], [9.0, 0.0]])
+        >>> out, probs, chosen, dropped = dispatch_with_capacity([nn.Identity(), nn.Identity()], scores, torch.ones(3, 1), 1, 2 / 3)
+        >>> (out > 0).flatten().tolist(), int(dropped)
+        ([True, False, True], 1)
+    """
+    batch, n = scores.shape
+    capacity = max(1, math.ceil(capacity_factor * batch * top_k / n))
+    probs = scores.softmax(dim=-1)  # (batch, branches)
+    weight, chosen = probs.topk(top_k, dim=-1)  # (batch, top_k) each
+    flat = chosen.reshape(-1)  # (batch * top_k,)
+    hits = flat[:, None] == torch.arange(n, device=flat.device)  # (batch * top_k, branches)
+    position = (hits.cumsum(0) - 1).gather(1, flat[:, None]).squeeze(1)  # rank within its branch
+    kept = position < capacity
+    overflow = n * capacity  # one spare slot collects every dropped pair, then is cut off
+    slot = torch.where(kept, flat * capacity + position, overflow)
+    pair_sample = torch.arange(batch * top_k, device=flat.device) // top_k
+    # slots nobody filled point at row `batch`: an appended zero row in, a discarded row out
+    slot_sample = torch.full((overflow + 1,), batch, device=flat.device).scatter(0, slot, pair_sample)[:overflow]
+    slot_weight = weight.new_zeros(overflow + 1).scatter(0, slot, weight.reshape(-1))[:overflow]
+    padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])  # (batch + 1, ...)
+    chunks = padded[slot_sample].split(capacity)  # branches x (capacity, ...)
+    y = torch.cat([branch(chunk) for branch, chunk in zip(branches, chunks)])  # (branches * capacity, ...)
+    w = slot_weight.to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
+    out = y.new_zeros((batch + 1, *y.shape[1:])).index_add(0, slot_sample, y * w)[:batch]
+    return out, probs, chosen, (~kept).sum()
 
 
 def load_balancing_loss(probs: Tensor, chosen: Tensor) -> Tensor:

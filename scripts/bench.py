@@ -11,7 +11,8 @@ a test: timings do not belong in a pass/fail suite.
 
 Sections: composites (composite vs hand-written train step), guard (per-step check),
 routing (per-sample top-1 vs dense and loop), lightning (one digits epoch vs a raw loop),
-compile (torch.compile graph breaks and compiled/eager speed).
+compile (torch.compile graph breaks and compiled/eager speed), gpu (CUDA only: Parallel on
+streams vs serial, routing on the GPU with its host syncs counted).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "routing": _section("bench_steps", "routing"),
     "lightning": _section("bench_lightning", "lightning_epoch"),
     "compile": _section("bench_compile", "compile_section"),
+    "gpu": _section("bench_gpu", "gpu_section"),
 }
 
 

@@ -36,8 +36,9 @@ def by_data(x: Tensor) -> str:
     return "big" if x.mean() > 0 else "small"
 
 
-# name -> what to expect; the per-sample dispatch is left out of the trace on purpose
-# (composites/routing.py): its chunk sizes are data, and traced they recompiled every batch.
+# name -> what to expect; the host-sized per-sample dispatch is left out of the trace on
+# purpose (composites/routing.py): its chunk sizes are data, and traced they recompiled every
+# batch. The capacity dispatch has static shapes and traces whole.
 EXPECT = {
     "Sequential": "",
     "Parallel": "",
@@ -45,6 +46,7 @@ EXPECT = {
     "Conditional router fn (shape)": "",
     "Conditional router fn (data)": "inherent: a Python if on tensor data",
     "Conditional per-sample top-1": "router compiled; dispatch eager by design (torch.compiler.disable)",
+    "Conditional per-sample top-1, capacity 1.25": "",
 }
 
 
@@ -63,6 +65,9 @@ def composites_to_compile() -> dict[str, tuple[nn.Module, dict[str, Any], Callab
         "Conditional router fn (shape)": (Conditional(_branches(), router=by_shape), {}, data(D)),
         "Conditional router fn (data)": (Conditional(_branches(), router=by_data), {}, data(D)),
         "Conditional per-sample top-1": (Conditional(experts, router=nn.Linear(D, 8)), {}, data(D)),
+        "Conditional per-sample top-1, capacity 1.25": (
+            Conditional(copy.deepcopy(experts), router=nn.Linear(D, 8), capacity_factor=1.25), {}, data(D)
+        ),
     }
 
 

@@ -116,7 +116,7 @@ class LoopMoE(nn.Module):
 
 
 def moe_models(d: int, h: int, n_experts: int, batch: int) -> tuple[dict[str, nn.Module], Tensor]:
-    """Routed (Conditional), dense and loop models over copies of the same experts and gate."""
+    """Routed (Conditional, host-sized and capacity 1.25), dense and loop models over copies of the same experts and gate."""
     experts = [expert(d, h) for _ in range(n_experts)]
     gate = nn.Linear(d, n_experts)
     routed = Conditional({f"e{i}": e for i, e in enumerate(experts)}, router=gate, top_k=1)
@@ -124,5 +124,8 @@ def moe_models(d: int, h: int, n_experts: int, batch: int) -> tuple[dict[str, nn
         "routed": routed,
         "dense": DenseMoE(copy.deepcopy(experts), copy.deepcopy(gate)),
         "loop": LoopMoE(copy.deepcopy(experts), copy.deepcopy(gate)),
+        "capacity": Conditional(
+            {f"e{i}": e for i, e in enumerate(copy.deepcopy(experts))}, router=copy.deepcopy(gate), top_k=1, capacity_factor=1.25
+        ),
     }
     return models, torch.randn(batch, d)

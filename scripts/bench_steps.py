@@ -114,6 +114,8 @@ def routing(s: Settings) -> list[Row]:
         note = f"{n_experts} experts {d}-{h}-{d}, batch {batch}; FLOP limit {1 / n_experts:.3f}"
         rows.append(compared("routing", f"{mode}: routed / dense", t, "routed", "dense", target, note))
         rows.append(compared("routing", f"{mode}: routed / per-sample loop", t, "routed", "loop"))
+        rows.append(compared("routing", f"{mode}: capacity 1.25 / dense", t, "capacity", "dense",
+                             note="fixed slots, no host read: compiles whole (see the compile section)"))
         if "experts only" in cases:
             rows.append(compared("routing", f"{mode}: routed / experts-only floor", t, "routed", "experts only",
                                  note="dispatch overhead over the FLOP floor"))

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"composites", "guard", "routing", "lightning", "compile"}
+SECTIONS = {"composites", "guard", "routing", "lightning", "compile", "gpu"}
 
 
 @pytest.mark.slow  # ~15-20 s: a fresh interpreter imports torch, Lightning and Dynamo
@@ -27,6 +28,8 @@ def test_quick_bench_writes_every_section_with_numeric_ratios(tmp_path: Path) ->
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["sections"]) == SECTIONS
+    if not torch.cuda.is_available():  # the GPU section says it was skipped, and measures nothing
+        assert [(row["name"], row["ratio"]) for row in result["sections"].pop("gpu")] == [("skipped: no CUDA device", None)]
     for section, rows in result["sections"].items():
         assert rows, section
         for row in rows:
