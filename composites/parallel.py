@@ -79,12 +79,10 @@ class Parallel(nn.Module):
         per_branch = self._per_branch_inputs(args, kwargs)
         calls = {name: ((per_branch[name],), {}) if per_branch is not None else (args, kwargs) for name in self.branch_names}
         device = cuda_device_of(args, kwargs) if self.streams and not torch.compiler.is_compiling() else None
-        if device is None:
-            outputs = {name: run_child(name, self._modules[name], *call, role="branch") for name, call in calls.items()}
-        else:
+        if device is not None:
             jobs = {name: partial(run_child, name, self._modules[name], *call, role="branch") for name, call in calls.items()}
-            outputs = run_on_streams(jobs, (args, kwargs), device)
-        return self.combine(outputs)
+            return self.combine(run_on_streams(jobs, (args, kwargs), device))
+        return self.combine({name: run_child(name, self._modules[name], *call, role="branch") for name, call in calls.items()})
 
     def _per_branch_inputs(self, args: tuple, kwargs: dict) -> Mapping[str, Any] | None:
         if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
