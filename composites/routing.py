@@ -124,5 +124,8 @@ def load_balancing_loss(probs: Tensor, chosen: Tensor) -> Tensor:
         1.0
     """
     n = probs.shape[1]
-    fraction = torch.bincount(chosen.reshape(-1), minlength=n).to(probs.dtype) / chosen.numel()
+    flat = chosen.reshape(-1)
+    # counted by scatter, not bincount: bincount sizes its output from the data, a host read on GPU
+    counts = probs.new_zeros(n).scatter_add(0, flat, torch.ones_like(flat, dtype=probs.dtype))
+    fraction = counts / chosen.numel()
     return n * (fraction * probs.mean(dim=0)).sum()

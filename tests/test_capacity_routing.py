@@ -66,10 +66,14 @@ def test_whole_forward_traces_into_one_graph_with_no_host_read():
     counters = torch._dynamo.utils.counters
     counters.clear()
     model = Conditional({f"e{i}": nn.Linear(4, 4) for i in range(4)}, router=nn.Linear(4, 4), capacity_factor=1.25)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+
+    def with_aux(x):  # the load-balancing loss too: no bincount, no host read
+        return model(x), model.load_balancing_loss()
+
+    compiled = torch.compile(with_aux, fullgraph=True, backend="eager")
     for seed in range(3):
         x = torch.randn(16, 4, generator=torch.Generator().manual_seed(seed))
-        torch.testing.assert_close(compiled(x), model(x))
+        torch.testing.assert_close(compiled(x), with_aux(x))
     assert counters["stats"]["unique_graphs"] == 1
 
 
@@ -87,3 +91,15 @@ def test_capacity_factor_is_validated_and_shown():
     with pytest.raises(ValueError, match=r"capacity_factor=0 must be positive \(3 never drops\), or None"):
         experts(capacity_factor=0)
     assert "capacity_factor=1.25" in repr(experts(capacity_factor=1.25))
+
+
+def test_image_inputs_and_an_empty_batch():
+    torch.manual_seed(0)
+    convs = {name: nn.Conv2d(1, 2, 3, padding=1) for name in "ab"}
+    gate = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    sized = Conditional(convs, router=gate)
+    slotted = Conditional(convs, router=gate, capacity_factor=2.0)
+    x = torch.randn(5, 1, 4, 4)
+    torch.testing.assert_close(slotted(x), sized(x))
+    assert slotted(torch.zeros(0, 1, 4, 4)).shape == (0, 2, 4, 4)
+    assert int(slotted.dropped) == 0
