@@ -133,7 +133,7 @@ class Conditional(nn.Module):
         self.active_branches = (name,)
         if torch.is_grad_enabled():
             self._ran_since_check.add(name)
-        self._gate = None
+        self._gate = self.dropped = None
         return self._modules[name](x, *args, **kwargs)
 
     def __getstate__(self) -> dict:

@@ -103,3 +103,5 @@ def test_image_inputs_and_an_empty_batch():
     torch.testing.assert_close(slotted(x), sized(x))
     assert slotted(torch.zeros(0, 1, 4, 4)).shape == (0, 2, 4, 4)
     assert int(slotted.dropped) == 0
+    slotted(x, route="a")  # a batch routed by name drops nothing: no stale count from before
+    assert slotted.dropped is None
