@@ -35,7 +35,8 @@ class Conditional(nn.Module):
             batch * top_k / branches)`` rows per branch, with no host read: for GPUs and
             ``torch.compile(fullgraph=True)``. A sample past its branch's capacity gets nothing
             from it; ``dropped`` holds how many (sample, branch) pairs that was, as a device
-            tensor. Every branch runs on its slots, so all count as active. ``None`` (default)
+            tensor; keep it rare when nothing else carries the sample (no residual path).
+            Every branch runs on its slots, so all count as active. ``None`` (default)
             sizes each branch's chunk from the routing itself: one host read, nothing dropped.
 
     Extra call arguments go to the router (and, in batch routing, to the chosen branch); in
