@@ -82,7 +82,7 @@ def step_is_logged(trainer: Any) -> bool:
     return bool(trainer.fast_dev_run) or (every > 0 and (trainer.global_step + 1) % every == 0)
 
 
-def epoch_means(load_balancing: bool = False) -> nn.ModuleDict:
+def epoch_means(load_balancing: bool = False, dropped: bool = False) -> nn.ModuleDict:
     """The running means a :class:`CompositeModule` keeps, keyed ``<stage>_<name>``.
 
     The training ones are logged per rank, as Lightning did for a training loss logged without
@@ -91,6 +91,8 @@ def epoch_means(load_balancing: bool = False) -> nn.ModuleDict:
     means = {"train_loss": RunningMean(sync_on_compute=False), "val_loss": RunningMean(), "test_loss": RunningMean()}
     if load_balancing:
         means["train_load_balancing"] = RunningMean(sync_on_compute=False)
+    if dropped:
+        means.update(train_dropped=RunningMean(sync_on_compute=False), val_dropped=RunningMean(), test_dropped=RunningMean())
     return nn.ModuleDict(means)
 
 
@@ -108,14 +110,15 @@ def log_epoch(module: pl.LightningModule, means: nn.ModuleDict, stage: str, metr
 
     Keys are those per-step logging gave: ``train/loss_epoch`` (and ``train/loss`` for callbacks
     only, as ``on_step=on_epoch=True`` made both), ``train/load_balancing_epoch`` (and
-    ``train/load_balancing``), ``val/loss``, ``test/loss``, and the metrics' own prefixed names.
+    ``train/load_balancing``), ``val/loss``, ``test/loss``, ``<stage>/dropped(_epoch)`` with
+    capacity routing, and the metrics' own prefixed names.
     They are logged as Metric objects: Lightning computes them after the hook (torchmetrics sums
     their states over ranks in ``compute()``, so no ``sync_dist``), logs and then resets them.
     """
     if not means[f"{stage}_loss"].update_called:
         return  # no step of ours ran (an overridden step, an empty loader): nothing to log
     train = stage == "train"
-    for name in ("loss", "load_balancing"):
+    for name in ("loss", "load_balancing", "dropped"):
         key = f"{stage}_{name}"
         if key not in means or not means[key].update_called:
             continue

@@ -69,6 +69,10 @@ class CompositeModule(pl.LightningModule):
             keeps using all its experts (0 turns it off). Logged as ``train/load_balancing_step``
             and ``train/load_balancing_epoch`` (1.0 is perfectly balanced).
 
+    With capacity routing (``Conditional(..., capacity_factor=...)``) the fraction of
+    (sample, branch) pairs dropped past capacity is logged per epoch as ``train/dropped_epoch``,
+    ``val/dropped`` and ``test/dropped``, averaged over such Conditionals.
+
     Example:
         >>> from functools import partial
         >>> import torch
@@ -113,7 +117,9 @@ class CompositeModule(pl.LightningModule):
         self.train_metrics = _stage_metrics(metrics, "train")
         self.val_metrics = _stage_metrics(metrics, "val")
         self.test_metrics = _stage_metrics(metrics, "test")
-        self.epoch_means = epoch_means(load_balancing=bool(self.gates))  # loss sums, logged once per epoch
+        self.capacity_gates = [m for m in model.modules() if isinstance(m, Conditional) and m.capacity_factor is not None]
+        # loss sums, logged once per epoch
+        self.epoch_means = epoch_means(load_balancing=bool(self.gates), dropped=bool(self.capacity_gates))
         self.guard: GradientGuard | None = None
         self.report: GuardReport | None = None  # the last check's report
         self._warned: set[frozenset[tuple[str, str]]] = set()
@@ -199,6 +205,9 @@ class CompositeModule(pl.LightningModule):
                 if log_step:
                     self.log("train/load_balancing_step", mean_balance, on_step=True, on_epoch=False, batch_size=n)
                 loss = loss + self.load_balancing * sum(balance)
+        dropped = [g.dropped / max(1, g._gate[1].numel()) for g in self.capacity_gates if g.dropped is not None]
+        if dropped:  # a device-side mean: no host read per step
+            self.epoch_means[f"{stage}_dropped"].update(sum(dropped) / len(dropped), n)
         self.epoch_means[f"{stage}_loss"].update(loss, n)
         if log_step:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)

@@ -470,3 +470,20 @@ def test_load_balancing_adds_the_gates_auxiliary_loss_to_the_training_loss():
     assert aux.item() == pytest.approx(2 * torch.sigmoid(torch.tensor(3.0)).item())
     assert balanced.training_step((x, y), 0).item() == pytest.approx(base.item() + 0.5 * aux.item())
     assert balanced.validation_step((x, y), 0).item() == pytest.approx(base.item())
+
+
+def test_capacity_routing_logs_the_dropped_fraction_per_stage():
+    # every sample scores expert 'a' highest; capacity ceil(0.5 * 8 / 2) = 2 of each 8 pairs
+    gate = nn.Linear(4, 2)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.bias.copy_(torch.tensor([5.0, 0.0]))
+    model = Sequential({
+        "experts": Conditional({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)}, router=gate, capacity_factor=0.5),
+    })
+    t = trainer(limit_val_batches=None)
+    t.fit(CompositeModule(model, nn.CrossEntropyLoss(), ADAM), loader(n=16), loader(n=16))  # the guard passes too
+    assert t.callback_metrics["train/dropped_epoch"].item() == pytest.approx(6 / 8)
+    assert t.callback_metrics["val/dropped"].item() == pytest.approx(6 / 8)
+    t.test(t.lightning_module, loader(n=16), verbose=False)
+    assert t.callback_metrics["test/dropped"].item() == pytest.approx(6 / 8)
