@@ -15,8 +15,10 @@ def named_modules_from(
 
     Raises a ``TypeError`` naming the entry when something is not an ``nn.Module``.
     """
-    if isinstance(modules, Mapping):
+    if isinstance(modules, (Mapping, nn.ModuleDict)):
         items = [(str(k), v) for k, v in modules.items()]
+    elif isinstance(modules, (nn.ModuleList, nn.Sequential)):
+        items = list(modules.named_children())
     elif isinstance(modules, Sequence) and not isinstance(modules, str):
         items = [(str(i), v) for i, v in enumerate(modules)]
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 
 from ._util import named_modules_from, register_children
 from .routing import dispatch_top_k, dispatch_with_capacity, load_balancing_loss
+from .sequential import run_child
 
 Router = Callable[..., "str | Tensor"]
 
@@ -71,15 +73,15 @@ class Conditional(nn.Module):
                 "active_branches", "_ran_since_check", "_gate",
             ),
         )
-        if not 1 <= top_k <= len(self.branch_names):
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(self.branch_names):
             raise ValueError(f"top_k={top_k} must be between 1 and the number of branches ({len(self.branch_names)})")
         if router is not None and not callable(router):
             raise TypeError(f"router must be callable (a function or nn.Module) or None, got {type(router).__name__}")
         self._route_fn = None if isinstance(router, nn.Module) else router
         if isinstance(router, nn.Module):
             self.router = router
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor={capacity_factor} must be positive ({len(self.branch_names) / top_k:g} never drops), or None")
+        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and 0 < capacity_factor < math.inf):
+            raise ValueError(f"capacity_factor={capacity_factor} must be a positive finite number ({len(self.branch_names) / top_k:g} never drops), or None")
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.dropped: Tensor | None = None  # (sample, branch) pairs past capacity in the last forward
@@ -100,6 +102,11 @@ class Conditional(nn.Module):
         decision = route if route is not None else self.route(x, *args, **kwargs)
         if isinstance(decision, str):
             return self._run_branch(decision, x, args, kwargs)
+        if isinstance(decision, Tensor) and not (isinstance(x, Tensor) and x.dim() > 0):
+            raise TypeError(
+                f"per-sample routing needs x to be a batched tensor (batch, ...), got {type(x).__name__}: "
+                "route the batch by name instead, or wrap the branches so they take a tensor"
+            )
         batch = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else None
         if (
             not isinstance(decision, Tensor)
@@ -112,7 +119,10 @@ class Conditional(nn.Module):
                 f"route() must return a branch name or scores of shape ({batch or 'batch'}, {len(self.branch_names)}) "
                 f"for branches {list(self.branch_names)}; got {got}"
             )
-        branches = [self._modules[name] for name in self.branch_names]
+        # eager: each branch behind run_child, so a failure names it; compiled: the modules
+        # themselves (run_child adds nothing there, and a wrapper would be traced on its own)
+        compiling = torch.compiler.is_compiling()
+        branches = [self._modules[name] if compiling else self._named_branch(name) for name in self.branch_names]
         if self.capacity_factor is None:
             out, probs, chosen, ran = dispatch_top_k(branches, decision, x, self.top_k)
             self.active_branches = tuple(self.branch_names[i] for i in ran)
@@ -135,7 +145,12 @@ class Conditional(nn.Module):
         if torch.is_grad_enabled():
             self._ran_since_check.add(name)
         self._gate = self.dropped = None
-        return self._modules[name](x, *args, **kwargs)
+        return run_child(name, self._modules[name], (x, *args), kwargs, role="branch")
+
+    def _named_branch(self, name: str) -> Callable[[Tensor], Any]:
+        """The branch as the dispatch calls it: a failure names the branch and its rows."""
+        module = self._modules[name]
+        return lambda rows: run_child(name, module, (rows,), {}, role="branch")
 
     def __getstate__(self) -> dict:
         # The last gate (probs, chosen) is part of the autograd graph: non-leaf tensors cannot be

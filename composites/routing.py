@@ -7,14 +7,14 @@ slots (no host read, static shapes, overflow dropped).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 
 def dispatch_top_k(
-    branches: Sequence[nn.Module], scores: Tensor, x: Tensor, top_k: int
+    branches: Sequence[Callable[[Tensor], Tensor]], scores: Tensor, x: Tensor, top_k: int
 ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Run each sample through its ``top_k`` branches, weighted by softmax gate probability.
 
@@ -46,7 +46,7 @@ def dispatch_top_k(
 # user compiled itself (torch.compile(expert, dynamic=True)) run compiled inside it.
 @torch.compiler.disable(recursive=False)
 def _dispatch(
-    branches: Sequence[nn.Module], scores: Tensor, x: Tensor, top_k: int
+    branches: Sequence[Callable[[Tensor], Tensor]], scores: Tensor, x: Tensor, top_k: int
 ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     batch = scores.shape[0]
     probs = scores.softmax(dim=-1)  # (batch, branches)
@@ -66,7 +66,7 @@ def _dispatch(
 
 
 def dispatch_with_capacity(
-    branches: Sequence[nn.Module], scores: Tensor, x: Tensor, top_k: int, capacity_factor: float
+    branches: Sequence[Callable[[Tensor], Tensor]], scores: Tensor, x: Tensor, top_k: int, capacity_factor: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top-k dispatch into fixed-size per-branch slots: no host read, static shapes.
 
@@ -75,7 +75,8 @@ def dispatch_with_capacity(
     adds nothing to that sample's output, as in Switch Transformer. Every branch runs on its
     slots, padded with zero rows, so the shapes depend on the batch size only: nothing is read
     back to the host and the whole dispatch traces into one graph. ``capacity_factor =
-    branches / top_k`` never drops.
+    branches / top_k`` never drops. A branch sees its padding rows as input: one that keeps
+    batch statistics (``BatchNorm``) counts them too.
 
     Returns:
         ``(output, probs, chosen, dropped)``: as :func:`dispatch_top_k`, with the number of
@@ -124,6 +125,8 @@ def load_balancing_loss(probs: Tensor, chosen: Tensor) -> Tensor:
         1.0
     """
     n = probs.shape[1]
+    if chosen.numel() == 0:  # an empty batch routes nothing: no imbalance, and no NaN from 0 / 0
+        return probs.sum() * 0
     flat = chosen.reshape(-1)
     # counted by scatter, not bincount: bincount sizes its output from the data, a host read on GPU
     counts = probs.new_zeros(n).scatter_add(0, flat, torch.ones_like(flat, dtype=probs.dtype))

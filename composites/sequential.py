@@ -21,6 +21,7 @@ class StageError(RuntimeError):
 
     def __init__(self, stage: str, module: str, received: str, cause: BaseException, role: str = "stage"):
         self.stage, self.module, self.received, self.cause, self.role = stage, module, received, cause, role
+        self.failing: nn.Module | None = None  # the sub-model that raised (not pickled)
         super().__init__(
             f"{role} '{stage}' ({module}) failed on input {received}: {type(cause).__name__}: {cause}"
         )
@@ -30,9 +31,16 @@ class StageError(RuntimeError):
 
     @classmethod
     def wrap(cls, name: str, child: nn.Module, received: str, error: Exception, role: str = "stage") -> StageError:
-        if isinstance(error, StageError):  # nested composites: keep the innermost failure, longer path
-            return cls(f"{name}.{error.stage}", error.module, error.received, error.cause, error.role)
-        return cls(name, type(child).__name__, received, error, role)
+        if isinstance(error, StageError):  # nested: keep the innermost failure, under its full path
+            # found by identity, so plain modules in between (a user's block holding a
+            # composite) and branches picked by a router appear in the path as well
+            inner = next((path for path, m in child.named_modules() if m is error.failing and path), error.stage)
+            wrapped = cls(f"{name}.{inner}", error.module, error.received, error.cause, error.role)
+            wrapped.failing = error.failing
+            return wrapped
+        wrapped = cls(name, type(child).__name__, received, error, role)
+        wrapped.failing = child
+        return wrapped
 
 
 def run_child(name: str, child: nn.Module, args: tuple, kwargs: dict, role: str = "stage") -> Any:

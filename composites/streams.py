@@ -49,22 +49,22 @@ def run_on_streams(jobs: Mapping[str, Callable[[], Any]], inputs: Any, device: t
     """
     current = torch.cuda.current_stream(device)
     in_tensors = [t for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.is_cuda]
-    outputs: dict[str, Any] = {}
-    side: list[torch.cuda.Stream] = []
-    for i, (name, job) in enumerate(jobs.items()):
-        if i == 0:
-            outputs[name] = job()
-            continue
-        stream = torch.cuda.Stream(device)
+    names = list(jobs)
+    # Every side stream waits for the work queued so far (the inputs) BEFORE the first job is
+    # queued on the current stream; waiting after it would make every side branch wait for
+    # the first one too, and nothing would overlap.
+    side = {name: torch.cuda.Stream(device) for name in names[1:]}
+    for stream in side.values():
         stream.wait_stream(current)
         for t in in_tensors:
             t.record_stream(stream)
+    outputs: dict[str, Any] = {names[0]: jobs[names[0]]()}
+    for name, stream in side.items():
         with torch.cuda.stream(stream):
-            outputs[name] = job()
-        side.append(stream)
-    for stream in side:
+            outputs[name] = jobs[name]()
+    for stream in side.values():
         current.wait_stream(stream)
-    for t in tree_leaves([outputs[name] for name in list(jobs)[1:]]):
+    for t in tree_leaves([outputs[name] for name in side]):
         if isinstance(t, Tensor) and t.is_cuda:
             t.record_stream(current)
     return outputs

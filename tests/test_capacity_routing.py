@@ -88,7 +88,7 @@ def test_guard_passes_and_the_gate_learns():
 
 
 def test_capacity_factor_is_validated_and_shown():
-    with pytest.raises(ValueError, match=r"capacity_factor=0 must be positive \(3 never drops\), or None"):
+    with pytest.raises(ValueError, match=r"capacity_factor=0 must be a positive finite number \(3 never drops\), or None"):
         experts(capacity_factor=0)
     assert "capacity_factor=1.25" in repr(experts(capacity_factor=1.25))
 

@@ -61,3 +61,44 @@ def test_on_cuda_branches_run_on_their_own_streams_without_a_host_sync():
     torch.testing.assert_close(out_t, out_s)
     for n, p in streamed.named_parameters():
         torch.testing.assert_close(p.grad, grads_s[n])
+
+
+def test_side_streams_wait_for_the_inputs_before_the_first_branch_is_queued(monkeypatch):
+    # Logged stand-ins for the CUDA stream calls: a side stream that started waiting only
+    # after branch 1 was queued on the current stream would wait for branch 1 as well, and
+    # nothing would overlap. Runs on CPU; the real streams are exercised by the CUDA test.
+    from composites.streams import run_on_streams
+
+    log = []
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    current = FakeStream("current")
+    pool = iter(FakeStream(f"side{i}") for i in range(1, 3))
+    active = [current]
+
+    class Using:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            active.append(self.stream)
+
+        def __exit__(self, *exc):
+            active.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: next(pool))
+    monkeypatch.setattr(torch.cuda, "stream", Using)
+    jobs = {name: (lambda name=name: log.append(f"{name} on {active[-1].name}") or name) for name in "abc"}
+    assert run_on_streams(jobs, (), torch.device("cpu")) == {"a": "a", "b": "b", "c": "c"}
+    assert log == [
+        "side1 waits for current", "side2 waits for current",
+        "a on current", "b on side1", "c on side2",
+        "current waits for side1", "current waits for side2",
+    ]
