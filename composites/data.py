@@ -79,6 +79,11 @@ class DigitsDataModule(pl.LightningDataModule):
         bad = {name: kind for name, kind in views.items() if kind not in KINDS}
         if bad:
             raise ValueError(f"views {bad}: each view must be one of {', '.join(KINDS)}")
+        if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
+            raise ValueError(
+                f"val_fraction={val_fraction} and test_fraction={test_fraction} must each be above 0 and sum "
+                "below 1 (data.val_fraction / data.test_fraction): both splits need samples, and so does training"
+            )
         self.save_hyperparameters()
         self.inputs, self.views, self.batch_size, self.num_workers = inputs, views, batch_size, num_workers
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed

@@ -138,9 +138,21 @@ class GradNormPlot(pl.Callback):
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.problem_steps: list[int] = []
         self.path: Path | None = None  # where the PNG went, once written
+        self._restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history travels in checkpoints, so a resumed run's PNG shows every step."""
+        return {"history": {k: list(v) for k, v in self.history.items()}, "problem_steps": list(self.problem_steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {k: [tuple(point) for point in v] for k, v in state_dict["history"].items()}
+        self.problem_steps = list(state_dict["problem_steps"])
+        self._restored = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.history, self.problem_steps, self.path = {}, [], None
+        if not self._restored:  # a fresh fit starts a fresh plot; a resumed one goes on
+            self.history, self.problem_steps = {}, []
+        self.path, self._restored = None, False
 
     def _due(self, trainer: pl.Trainer) -> bool:
         every = self.every_n_steps or trainer.log_every_n_steps

@@ -59,7 +59,9 @@ class CompositeModule(pl.LightningModule):
         optimizer: a partial taking parameter groups, e.g. ``partial(torch.optim.Adam, lr=1e-3)``
             (Hydra: ``_partial_: true``).
         scheduler: a partial taking the optimizer and returning an LR scheduler (stepped each
-            epoch; a ``ReduceLROnPlateau`` watches ``val/loss``) or a Lightning scheduler dict.
+            epoch; a ``ReduceLROnPlateau`` watches ``val/loss``) or a Lightning scheduler dict,
+            or such a dict whose ``"scheduler"`` is that partial (what YAML can say:
+            ``{scheduler: {_target_: ..., _partial_: true}, interval: step}``).
         metrics: a torchmetrics ``Metric`` or ``MetricCollection``, cloned per stage with the
             prefixes ``train/``, ``val/``, ``test/`` (a collection's keys name the metrics).
         param_groups: e.g. ``[{"prefix": "encoder", "lr": 1e-4}]``; see :func:`build_param_groups`.
@@ -150,7 +152,16 @@ class CompositeModule(pl.LightningModule):
             self.guard = GradientGuard(self.model, optimizer, scaler=scaler)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        factory = self.scheduler_factory
+        if isinstance(factory, Mapping):  # a Lightning scheduler dict from YAML: {scheduler: <partial>, interval: step}
+            if not callable(factory.get("scheduler")):
+                raise TypeError("scheduler: a mapping needs a 'scheduler' entry that is a partial taking the optimizer "
+                                "(_partial_: true), plus Lightning's keys (interval, frequency, monitor)")
+            return {"optimizer": optimizer, "lr_scheduler": {**factory, "scheduler": factory["scheduler"](optimizer)}}
+        if not callable(factory):
+            raise TypeError(f"scheduler must be a partial taking the optimizer (_partial_: true) or a Lightning "
+                            f"scheduler mapping, got {type(factory).__name__}")
+        scheduler = factory(optimizer)
         if isinstance(scheduler, Mapping):
             return {"optimizer": optimizer, "lr_scheduler": dict(scheduler)}
         config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}

@@ -8,7 +8,7 @@ forward/backward with the configured loss on ONE training batch (on the CPU, not
 checks it with the gradient guard, prints a table per sub-model (parameters, trainable,
 frozen, inactive, gradient norm, status), writes ``gradient_flow.png`` (the composite's tree,
 each sub-model coloured by status) to the run directory and prints its path. The exit status
-is 1 when the guard found a problem.
+is 1 when the guard found a problem, 2 when the config cannot run (the message says why).
 
 ``diagnose(cfg)`` does the work and is importable for tests; ``main`` is the thin Hydra entry.
 """
@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train.py sits next to this file
-from train import NoCompositeError, build  # noqa: E402
+from train import ConfigError, NoCompositeError, build  # noqa: E402
 
 PNG_NAME = "gradient_flow.png"
 
@@ -71,8 +71,9 @@ def diagnose(cfg: DictConfig) -> int:
 def main(cfg: DictConfig) -> None:
     try:
         status = diagnose(cfg)
-    except NoCompositeError as error:  # a clean message and exit status 1, no traceback
-        raise SystemExit(f"error: {str(error).replace('scripts/train.py', 'scripts/diagnose.py')}") from None
+    except ConfigError as error:  # a clean message, no traceback; status 2 tells it from "a problem found" (1)
+        print(f"error: {str(error).replace('scripts/train.py', 'scripts/diagnose.py')}", file=sys.stderr)
+        raise SystemExit(2) from None
     if status:
         raise SystemExit(status)
 

@@ -65,7 +65,7 @@ class TrainConfig:
     seed: int = 0
     guard: GuardMode = GuardMode["raise"]
     monitor: str = "val/acc"
-    monitor_mode: MonitorMode = MonitorMode["max"]
+    monitor_mode: Optional[MonitorMode] = None  # None: min for a loss, max otherwise
     ckpt_path: Optional[str] = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # type: ignore[valid-type]
     paths: PathsConfig = field(default_factory=PathsConfig)

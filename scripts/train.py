@@ -61,8 +61,12 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; the keys are those of TrainConfig in scripts/schema.py")
+    if cfg.monitor_mode is None:  # a loss is best low, anything else (accuracy, F1) high
+        cfg.monitor_mode = "min" if "loss" in cfg.monitor else "max"
     # Resolve once, enums as plain strings ("raise", "max"), so objects get ordinary values.
     conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if conf["logger"] and cfg.ckpt_path is not None:
+        keep_earlier_csv_logs(conf["logger"])
     datamodule = _build(conf["data"])
     model = _build(conf["model"])
     scheduler = _build(conf["scheduler"]) if conf["scheduler"] else None
@@ -73,6 +77,29 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     if trainer.logger is not None:
         trainer.logger.log_hyperparams({"config": conf})  # the whole run, next to the metrics
     return datamodule, module, trainer
+
+
+def keep_earlier_csv_logs(logger: dict[str, Any]) -> None:
+    """A resumed run that logs CSV where its first run did gets a fresh version folder.
+
+    Lightning's CSVLogger deletes a ``metrics.csv`` it finds in its log directory, so resuming
+    in the same run directory would wipe the earlier epochs' rows. The resumed run writes
+    ``<name>/resume-<n>/metrics.csv`` instead; every earlier file stays.
+
+    >>> conf = {"_target_": "pytorch_lightning.loggers.CSVLogger", "save_dir": "/nonexistent", "name": "logs", "version": ""}
+    >>> keep_earlier_csv_logs(conf); conf["version"]
+    ''
+    """
+    if not str(logger.get("_target_", "")).endswith("CSVLogger"):
+        return
+    logs = Path(logger["save_dir"]) / str(logger.get("name") or "")
+    version = logger.get("version")
+    if version is None or not (logs / str(version) / "metrics.csv").exists():
+        return
+    n = 1
+    while (logs / f"resume-{n}").exists():
+        n += 1
+    logger["version"] = f"resume-{n}"
 
 
 def _print_table(metrics: dict[str, float]) -> None:
@@ -112,7 +139,12 @@ def train(cfg: DictConfig) -> float:
     datamodule, module, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, trainer.default_root_dir))
     checkpoint = trainer.checkpoint_callback
-    has_best = checkpoint is not None and bool(getattr(checkpoint, "best_model_path", ""))
+    # "best" only from a checkpoint that tracked the monitored metric: a monitor-less one
+    # (the user dropped ours, Lightning added its own) keeps the newest epoch, not the best
+    has_best = (
+        checkpoint is not None and getattr(checkpoint, "monitor", None) == cfg.monitor
+        and bool(getattr(checkpoint, "best_model_path", "")) and checkpoint.best_model_score is not None
+    )
     # Read before testing, which replaces callback_metrics (no checkpoint under fast_dev_run).
     best = checkpoint.best_model_score if has_best else trainer.callback_metrics.get(cfg.monitor)
     results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)

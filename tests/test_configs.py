@@ -9,6 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+from omegaconf import OmegaConf
 from train_helpers import ROOT, compose_train, train
 
 from composites import CompositeModule, Conditional, Parallel, Sequential
@@ -49,8 +50,10 @@ def test_defaults_wire_checkpoints_logging_and_the_run_directory(tmp_path):
     cfg = compose_train(tmp_path, ["+composite=sequential"])
     _, _, trainer = train.build(cfg)
     checkpoint = trainer.checkpoint_callback
-    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val/acc", "max", True)
+    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val/acc", "max", False)
     assert checkpoint.dirpath == str(tmp_path / "checkpoints")
+    (last,) = [c for c in trainer.callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c is not checkpoint]
+    assert (last.monitor, last.filename, last.dirpath) == (None, "last", checkpoint.dirpath)  # every epoch
     assert isinstance(trainer.logger, pl.loggers.CSVLogger) and trainer.logger.log_dir == str(tmp_path / "logs") + "/"
     assert trainer.default_root_dir == str(tmp_path)
 
@@ -147,3 +150,31 @@ def test_an_added_unknown_top_level_key_is_refused(tmp_path):
     cfg = compose_train(tmp_path, ["+composite=sequential", "+seedd=1"])  # `+` bypasses the schema
     with pytest.raises(train.ConfigError, match="unknown top-level key.s. seedd;"):
         train.build(cfg)
+
+
+@pytest.mark.parametrize("monitor, mode", [("val/acc", "max"), ("val/loss", "min"), ("train/loss_epoch", "min")])
+def test_the_checkpoint_mode_follows_the_monitor_unless_given(tmp_path, monitor, mode):
+    _, _, trainer = train.build(compose_train(tmp_path, ["+composite=sequential", f"monitor={monitor}"]))
+    assert (trainer.checkpoint_callback.monitor, trainer.checkpoint_callback.mode) == (monitor, mode)
+    _, _, trainer = train.build(compose_train(tmp_path, ["+composite=sequential", f"monitor={monitor}", "monitor_mode=max"]))
+    assert trainer.checkpoint_callback.mode == "max"
+
+
+def test_composite_presets_leave_the_trainer_to_the_trainer_group():
+    # +composite= is applied after the defaults: a trainer key there would override trainer=<preset>
+    for path in (train.CONFIG_DIR / "composite").glob("*.yaml"):
+        assert "trainer" not in OmegaConf.load(path), path.name
+
+
+def test_a_per_step_scheduler_mapping_from_the_command_line(tmp_path):
+    schedule = "scheduler={scheduler:{_target_:torch.optim.lr_scheduler.OneCycleLR,_partial_:true,max_lr:0.01,total_steps:100},interval:step}"
+    _, module, _ = train.build(compose_train(tmp_path, ["+composite=sequential", schedule]))
+    config = module.configure_optimizers()
+    assert type(config["lr_scheduler"]["scheduler"]).__name__ == "OneCycleLR"
+    assert config["lr_scheduler"]["interval"] == "step"
+
+
+@pytest.mark.parametrize("override", ["data.val_fraction=0", "data.test_fraction=0", "data.val_fraction=0.9"])
+def test_impossible_split_fractions_name_the_keys(tmp_path, override):
+    with pytest.raises(InstantiationException, match=r"data\.val_fraction / data\.test_fraction"):
+        train.build(compose_train(tmp_path, ["+composite=sequential", override]))

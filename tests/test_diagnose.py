@@ -71,13 +71,17 @@ def test_detached_branch_exits_1_and_names_it(tmp_path, capsys):
     check_png(tmp_path / "gradient_flow.png")
 
 
-def test_without_composite_exits_nonzero_listing_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["diagnose.py", f"hydra.run.dir={tmp_path}"])
+@pytest.mark.parametrize("extra, expected", [
+    ([], ["+composite=", "conditional", "parallel", "sequential", "scripts/diagnose.py"]),
+    (["+composite=sequential", "+foo=1"], ["unknown top-level key(s) foo"]),
+])
+def test_a_config_that_cannot_run_exits_2_with_the_reason_not_1_like_a_problem(tmp_path, monkeypatch, capsys, extra, expected):
+    monkeypatch.setattr(sys, "argv", ["diagnose.py", *extra, f"hydra.run.dir={tmp_path}"])
     with pytest.raises(SystemExit) as exit_info:  # as `python scripts/diagnose.py`, in this process
         runpy.run_path(str(ROOT / "scripts" / "diagnose.py"), run_name="__main__")
-    message = str(exit_info.value.code)
-    assert "+composite=" in message and all(name in message for name in ("conditional", "parallel", "sequential"))
-    assert "scripts/diagnose.py" in message
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert all(part in message for part in expected), message
 
 
 @pytest.mark.slow

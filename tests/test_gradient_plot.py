@@ -151,3 +151,22 @@ def test_default_callbacks_include_the_gradient_plot(tmp_path, monkeypatch):
     assert set(cfg.callbacks) >= {"checkpoint", "gradient_plot"}
     callback = instantiate(cfg.callbacks.gradient_plot)
     assert isinstance(callback, GradNormPlot) and Path(callback.dirpath) == tmp_path
+
+
+def test_a_resumed_fit_keeps_the_earlier_steps_in_the_plot(tmp_path):
+    x, y = batch(n=32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 4 steps per epoch
+
+    def run(max_epochs, ckpt_path=None):
+        model = Sequential({"encoder": nn.Linear(4, 4), "head": nn.Linear(4, 2)})
+        callback = GradNormPlot(every_n_steps=2)
+        trainer = pl.Trainer(
+            max_epochs=max_epochs, callbacks=[callback], default_root_dir=tmp_path, logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )
+        trainer.fit(CompositeModule(model, nn.CrossEntropyLoss(), partial(torch.optim.SGD, lr=0.1)), loader, ckpt_path=ckpt_path)
+        return callback, trainer
+
+    _, trainer = run(1)
+    callback, _ = run(2, ckpt_path=trainer.checkpoint_callback.best_model_path)
+    assert [step for step, _ in callback.history["encoder"]] == [1, 3, 5, 7]  # 1, 3 from the first fit

@@ -79,3 +79,29 @@ def test_the_command_line(tmp_path):
     p, out, err = results["typo"]
     assert p.returncode == 1
     assert "Invalid value 'rase', expected one of [raise, warn, off]\n    full_key: guard" in err
+
+
+def test_last_ckpt_follows_the_newest_epoch_even_when_the_metric_does_not_improve(tmp_path):
+    # lr 0: val/acc never improves after epoch 0, so the best checkpoint stays at step 3; before,
+    # last.ckpt (written only with a new best, Lightning >= 2.6) stayed there too and a resume
+    # re-trained epochs 1 and 2
+    overrides = [*QUICK, "+composite=sequential", "optimizer.lr=0.0", "trainer.max_epochs=3"]
+    train.train(compose_train(tmp_path, overrides))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    assert best.name == "best-00-3.ckpt"
+
+
+def test_resuming_in_the_same_run_directory_keeps_the_earlier_metrics(tmp_path):
+    quick = [*QUICK, "+composite=sequential", "trainer.log_every_n_steps=1"]
+    train.train(compose_train(tmp_path, quick))
+    first_rows = (tmp_path / "logs" / "metrics.csv").read_text()
+    train.train(compose_train(tmp_path, [*quick, "trainer.max_epochs=2", "ckpt_path=auto"]))
+    assert (tmp_path / "logs" / "metrics.csv").read_text() == first_rows  # untouched
+    with open(tmp_path / "logs" / "resume-1" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss_step")] == [3, 4, 5]
+
+
+def test_without_our_checkpoint_callback_the_monitored_value_is_still_returned(tmp_path):
+    value = train.train(compose_train(tmp_path, [*QUICK, "+composite=sequential", "~callbacks.checkpoint"]))
+    assert 0.0 <= value <= 1.0  # val/acc, not nan from a monitor-less checkpoint's missing score
