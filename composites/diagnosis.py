@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .conditional import Conditional
+from .finite import stored
 from .problems import Problem
 from .sequential import Sequential
 from .tracing import Call, reachable, replay
@@ -27,23 +28,24 @@ def diagnose(guard: GradientGuard, missing: set[int], non_finite: bool, not_in_o
     problems += [Problem(names[i], submodels[names[i]], "not_in_optimizer") for i in not_in_opt]
     if non_finite:  # which gradients, read back once: a step whose finite norms overflowed lands here too
         held = [(name, p.grad) for name, p in zip(names, guard.params) if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for _, g in held]).tolist() if held else []
+        finite = torch.stack([torch.isfinite(stored(g)).all() for _, g in held]).tolist() if held else []
         problems += [Problem(name, submodels[name], "non_finite") for (name, _), ok in zip(held, finite) if not ok]
     return problems
 
 
 def _explain_missing(guard: GradientGuard, missing: list[int]) -> list[Problem]:
     model, names = guard.model, guard.names
-    if not guard._calls:
-        where = "neither the model nor its sub-models ran with gradients on since the last check (check() once per backward)"
-        return [Problem(names[i], guard.submodels[names[i]], "unused", where) for i in missing]
-    trace = replay(model, guard._calls)
+    calls = guard._replayable()
+    trace = replay(model, calls) if calls else []
     label = _labeler(model)
     routers = {
-        f"{path}.router" if path else "router": label(path)
+        f"{path}.router" if path else "router": path
         for path, m in model.named_modules()
         if isinstance(m, Conditional) and "router" in m._modules
     }
+    # the model or a direct child the loop called with grad off, and with grad on not at all
+    paths = {id(m): path for path, m in model.named_modules()}
+    no_grad_only = {paths[i] for i in guard._no_grad_calls if i in paths} - {c.path for c in trace}
     reach_cache: dict[tuple[int, str], set[int]] = {}
 
     def reach(call: Call, side: str) -> set[int]:
@@ -56,22 +58,27 @@ def _explain_missing(guard: GradientGuard, missing: list[int]) -> list[Problem]:
     for i in missing:
         name, pid = names[i], id(guard.params[i])
         owner = name.rpartition(".")[0]
-        cause, where = _explain_one(trace, owner, pid, routers, reach, label)
+        cause, where = _explain_one(trace, owner, pid, routers, reach, label, no_grad_only)
         problems.append(Problem(name, guard.submodels[name], cause, where))
     return problems
 
 
-def _explain_one(trace, owner, pid, routers, reach, label) -> tuple[str, str]:
+def _explain_one(trace, owner, pid, routers, reach, label, no_grad_only) -> tuple[str, str]:
     own = [c for c in trace if c.path == owner]
     if not own:
-        ran = [c for c in trace if owner.startswith(c.path + ".") or c.path == ""]
-        parent = max(ran, key=lambda c: len(c.path), default=None)
-        return "unused", f"{label(owner)} never ran in forward" + (f", though {label(parent.path)} did" if parent else "")
+        users = [c for c in trace if pid in c.used]
+        if not users:
+            return _not_run(trace, owner, label, no_grad_only)
+        user = max(users, key=lambda c: c.depth)  # not its owner's forward, but some code used it
+        if not any(c.used[pid] for c in users):
+            return "no_grad", f"inside {label(user.path, True)}.forward, used under torch.no_grad()/inference_mode()"
+        owner, own = user.path, [c for c in trace if c.path == user.path]
     if not any(c.grad for c in own):
         return "no_grad", f"{label(owner)} ran under torch.no_grad()/inference_mode()"
     router_of = next((cpath for rpath, cpath in routers.items() if owner == rpath or owner.startswith(rpath + ".")), None)
-    if router_of is not None:
-        return "non_differentiable_route", f"the router of {router_of} made a hard choice that gives its gate no gradient"
+    # a soft gate whose Conditional's output carries it is cut further on, like the branches
+    if router_of is not None and not any(pid in reach(c, "outputs") for c in trace if c.path == router_of):
+        return "non_differentiable_route", f"the router of {label(router_of)} made a hard choice that gives its gate no gradient"
     reaching = [c for c in trace if pid in reach(c, "outputs")]
     if not any(c.path == owner for c in reaching):
         return "detached", f"inside {label(owner, True)}.forward: its output does not depend on this parameter"
@@ -94,6 +101,19 @@ def _explain_one(trace, owner, pid, routers, reach, label) -> tuple[str, str]:
         return "detached", f"between stage {label(last.path)} and stage {label(after.path)} of {label(parent.path)}"
     where = f"inside {label(parent.path, True)}.forward, after {label(last.path)}"
     return "detached", where + (f", before {label(after.path)}" if after is not None else "")
+
+
+def _not_run(trace, owner, label, no_grad_only) -> tuple[str, str]:
+    """Why no call of ``owner`` was traced: the loop ran it (or the model) under no_grad, or it never ran."""
+    around = [path for path in no_grad_only if path == "" or owner == path or owner.startswith(path + ".")]
+    if around:
+        path = max(around, key=len)
+        return "no_grad", f"{label(path)} ran under torch.no_grad()/inference_mode(), in the code that calls it"
+    if not trace:
+        return "unused", "neither the model nor its sub-models ran with gradients on since the last check (check() once per backward)"
+    ran = [c for c in trace if owner.startswith(c.path + ".") or c.path == ""]
+    parent = max(ran, key=lambda c: len(c.path), default=None)
+    return "unused", f"{label(owner)} never ran in forward" + (f", though {label(parent.path)} did" if parent else "")
 
 
 def _labeler(model: torch.nn.Module):

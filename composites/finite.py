@@ -15,6 +15,16 @@ from torch import Tensor
 FUSED_UP_TO = 1 << 18
 
 
+def stored(grad: Tensor) -> Tensor:
+    """A gradient's values as a dense tensor: a sparse one (``nn.Embedding(sparse=True)``) summed over repeated indices.
+
+    Example:
+        >>> stored(torch.sparse_coo_tensor([[1, 1]], [2.0, 3.0], (4,), check_invariants=True)).tolist()
+        [5.0]
+    """
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
 def any_non_finite(grads: Sequence[Tensor]) -> bool:
     """Whether any element of ``grads`` is NaN or Inf.
 
@@ -30,6 +40,7 @@ def any_non_finite(grads: Sequence[Tensor]) -> bool:
     """
     if not grads:
         return False
+    grads = [stored(g) for g in grads]
     first = grads[0]
     if (
         sum(g.numel() for g in grads) <= FUSED_UP_TO

@@ -7,10 +7,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .conditional import Conditional
 from .diagnosis import diagnose
 from .finite import any_non_finite
+from .guard_hooks import Arrived, Recorder
 from .guard_sync import gather_problems, is_distributed, reduce_flags
 from .problems import GradientFlowError, GuardReport, Problem
 from .structure import find_unregistered, grouped_grad_norms, submodel_names
@@ -69,19 +71,27 @@ class GradientGuard:
         self.submodels = submodel_names(model, self.names)
         self.check_finite, self.scaler, self.overflow_patience = check_finite, scaler, overflow_patience
         self._reached: set[int] = set()
-        # grad-enabled calls of the model and of its direct children (a loop may call those
-        # itself: encoder then head), kept until the next check so a failure can be replayed
+        # grad-enabled calls, kept until the next check so a failure can be replayed: the
+        # model's own and, apart, its direct children's (a loop may call those itself: encoder
+        # then head), so that many child calls in one forward (an RNN cell stepped 30 times)
+        # cannot push the model's call out
+        self._root_calls: deque[tuple[nn.Module, tuple, dict]] = deque(maxlen=16)
         self._calls: deque[tuple[nn.Module, tuple, dict]] = deque(maxlen=16)
+        self._no_grad_calls: set[int] = set()  # ids of those modules called with grad off: the loop's no_grad
         self._overflows = 0
-        self._handles = [m.register_forward_pre_hook(self._record_call, with_kwargs=True) for m in (model, *model.children())]
+        recorder = Recorder(self)
+        self._handles = [m.register_forward_pre_hook(recorder, with_kwargs=True) for m in (model, *model.children())]
         self._hooked: set[int] = set()
-        self._hook({i for i, p in enumerate(self.params) if p.requires_grad})
+        # a lazy parameter cannot be hooked before its first forward; check() hooks it after
+        self._hook({i for i, p in enumerate(self.params) if p.requires_grad and not is_lazy(p)})
         index = {n: i for i, n in enumerate(self.names)}
         self._conditionals = [
             (path, c, {b: {i for n, i in index.items() if n.startswith(f"{path}.{b}." if path else f"{b}.")} for b in c.branch_names})
             for path, c in model.named_modules()
             if isinstance(c, Conditional)
         ]
+        for _, conditional, _ in self._conditionals:  # a forward made before the guard existed is not this step's
+            conditional._ran_since_check.clear()
         self._unregistered = self._scan()
         self._scanned_after_forward = False
         self.optimizer: torch.optim.Optimizer | None = None
@@ -113,17 +123,20 @@ class GradientGuard:
         """
         add = self._reached.add
         for i in indices:
-
-            def arrived(grad: Tensor | None, i: int = i) -> None:
-                if grad is not None:
-                    add(i)
-
-            self._handles.append(self.params[i].register_hook(arrived))
+            self._handles.append(self.params[i].register_hook(Arrived(add, i).mark))
         self._hooked |= indices
 
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            self._no_grad_calls.add(id(module))
+        elif module is self.model:
+            self._root_calls.append((module, args, kwargs))
+        else:
             self._calls.append((module, args, kwargs))
+
+    def _replayable(self) -> list[tuple[nn.Module, tuple, dict]]:
+        """The model's own calls since the last check, else the calls a loop made to its sub-models."""
+        return list(self._root_calls or self._calls)
 
     def _missing_from_optimizer(self) -> list[int]:
         groups = self.optimizer.param_groups
@@ -146,20 +159,19 @@ class GradientGuard:
                 ran.clear()
         return inactive
 
-    def _non_finite(self, loss: Tensor | None) -> bool:
-        """Whether any gradient holds NaN/Inf (one fused pass, one host read), allowing for GradScaler overflow steps."""
+    def _non_finite(self, loss: Tensor | None) -> tuple[bool, bool]:
+        """(a NaN/Inf gradient to report, a GradScaler overflow step let through); one fused pass, one host read."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return False
-        bad = any_non_finite(grads)
-        if bad and self.scaler is not None and self.scaler.is_enabled():
-            loss_finite = loss is None or bool(torch.isfinite(loss.detach()).all())
-            self._overflows += 1
-            if loss_finite and self._overflows <= self.overflow_patience:
-                return False  # an overflow step: the scaler skips it and lowers its scale
-        elif not bad:
+        if not grads or not any_non_finite(grads):
             self._overflows = 0
-        return bad
+            return False, False
+        # only a finite loss makes it an overflow step: a NaN loss is a real NaN, and neither
+        # counts toward the patience nor resets the count
+        if self.scaler is not None and self.scaler.is_enabled() and (loss is None or bool(torch.isfinite(loss.detach()).all())):
+            self._overflows += 1
+            if self._overflows <= self.overflow_patience:
+                return False, True  # an overflow step: the scaler skips it and lowers its scale
+        return True, False
 
     def check(self, raise_error: bool = True, loss: Tensor | None = None) -> GuardReport:
         """Check the backward(s) since the last call; call it right after each ``loss.backward()``.
@@ -171,23 +183,25 @@ class GradientGuard:
         Returns:
             A :class:`GuardReport` (``ok``, counts, ``grad_norms()``).
         """
-        if not self._scanned_after_forward and self._calls:  # catches tensors set lazily in the first forward
+        if not self._scanned_after_forward and (self._root_calls or self._calls):  # catches tensors set lazily in the first forward
             self._unregistered, self._scanned_after_forward = self._scan(), True
         trainable = {i for i, p in enumerate(self.params) if p.requires_grad}
         inactive = self._inactive() & trainable
-        unhooked = trainable - self._hooked
-        if unhooked:  # unfrozen since the guard was built: checked from the next backward on
+        unhooked = {i for i in trainable - self._hooked if not is_lazy(self.params[i])}
+        if unhooked:  # unfrozen (or materialized) since the guard was built: checked from the next backward on
             self._hook(unhooked)
         missing = trainable - self._reached - inactive - unhooked
         not_in_opt = self._missing_from_optimizer() if self.optimizer is not None else []
-        overflow_before = self._overflows
-        non_finite = self.check_finite and self._non_finite(loss)
+        non_finite, overflow = self._non_finite(loss) if self.check_finite else (False, False)
         distributed = is_distributed()
+        explain = missing
         if distributed:  # one collective: a parameter is fine when any rank reached it
-            missing, non_finite = reduce_flags(self.params, self._reached, missing, non_finite)
+            flagged, non_finite = reduce_flags(self.params, self._reached, missing, non_finite)
+            # a rank explains only what it missed itself: where it was routed out, another rank has the cause
+            missing, explain = flagged, flagged & missing
         problems: list[Problem] = []
         if missing or non_finite or not_in_opt or self._unregistered:
-            problems = diagnose(self, missing, non_finite, not_in_opt)
+            problems = diagnose(self, explain, non_finite, not_in_opt)
             if distributed:
                 problems = gather_problems(problems)
         shown = inactive - self._reached
@@ -196,14 +210,16 @@ class GradientGuard:
             frozen=len(self.params) - len(trainable),
             inactive=len(shown),
             problems=problems,
-            overflow=self._overflows > overflow_before,
+            overflow=overflow,
             _names=self.names,
             _trainable=trainable,
             _inactive=shown,
             _norms=self.grad_norms,
         )
         self._reached.clear()
+        self._root_calls.clear()
         self._calls.clear()
+        self._no_grad_calls.clear()
         if problems and raise_error:
             raise GradientFlowError(problems)
         return report

@@ -45,7 +45,8 @@ def gather_problems(problems: list[Problem]) -> list[Problem]:
     """Every rank's diagnosis merged, so every rank raises the same error (failure path only)."""
     gathered: list[list[Problem] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, problems)
-    # one line per parameter: the lowest rank's diagnosis wins
+    # one line per parameter: the lowest rank's diagnosis wins (a rank diagnoses only what it
+    # missed itself, so one that routed a branch out has no say on why the branch got nothing)
     by_param: dict[str, Problem] = {}
     for rank_problems in gathered:
         for p in rank_problems or []:

@@ -79,6 +79,9 @@ class GradientFlowError(RuntimeError):
             + format_table(self.problems)
         )
 
+    def __reduce__(self):  # pickle and copy rebuild it from its problems (the default passes the message)
+        return type(self), (self.problems,)
+
 
 @dataclass
 class GuardReport:

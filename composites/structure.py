@@ -8,10 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from .conditional import Conditional
+from .finite import stored
 from .parallel import Parallel
 from .sequential import Sequential
 
 COMPOSITES = (Sequential, Parallel, Conditional)
+_MODULE_STATE = frozenset(vars(nn.Module()))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -57,16 +59,23 @@ def find_unregistered(model: nn.Module) -> list[tuple[str, str]]:
         >>> from torch import nn
         >>> layer = nn.Linear(2, 2)
         >>> layer.scale = torch.ones(2, requires_grad=True)
+        >>> layer.gains = {"a": torch.ones(2, requires_grad=True)}
         >>> find_unregistered(nn.Sequential(layer))
-        [('0.scale', '0')]
+        [('0.scale', '0'), ("0.gains['a']", '0')]
     """
     found = []
     for path, module in model.named_modules():
         for attr, value in vars(module).items():
-            values = value if isinstance(value, (list, tuple)) else [value]
-            for k, item in enumerate(values):
+            if attr in _MODULE_STATE:  # nn.Module's own dicts: registered parameters and buffers, hooks
+                continue
+            if isinstance(value, Mapping):
+                items = [(f"[{key!r}]", item) for key, item in value.items()]
+            elif isinstance(value, (list, tuple)):
+                items = [(f"[{k}]", item) for k, item in enumerate(value)]
+            else:
+                items = [("", value)]
+            for suffix, item in items:
                 if isinstance(item, Tensor) and not isinstance(item, nn.Parameter) and item.requires_grad and item.is_leaf:
-                    suffix = f"[{k}]" if values is value else ""
                     found.append((_join(path, attr) + suffix, path))
     return found
 
@@ -86,7 +95,7 @@ def grouped_grad_norms(named: Iterable[tuple[str, nn.Parameter]], owners: Mappin
     groups: dict[str, list[Tensor]] = {}
     for name, p in named:
         if p.grad is not None:
-            groups.setdefault(owners[name] or "(model)", []).append(p.grad.detach())
+            groups.setdefault(owners[name] or "(model)", []).append(stored(p.grad.detach()))
     if not groups:
         return {}
     norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for g in groups.values()]

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .conditional import Conditional
 
@@ -25,6 +26,10 @@ class Call:
     inputs: list[Any] = field(default_factory=list)  # autograd nodes, or leaf tensors needing grad
     outputs: list[Any] = field(default_factory=list)
     end: int = -1
+    # leaf tensors its own code passed to torch ops: id -> whether once with grad on. This is
+    # how a parameter whose module never runs (nn.ParameterList, a weight used functionally by
+    # its parent) is seen being used (detached? under no_grad?) rather than unused
+    used: dict[int, bool] = field(default_factory=dict)
 
     @property
     def depth(self) -> int:
@@ -66,6 +71,28 @@ def reachable(ends: Iterable[Any]) -> set[int]:
     return found
 
 
+# what reads a tensor's values without returning a tensor (metadata such as .shape is no use)
+_READS = frozenset({"tolist", "item", "numpy", "__float__", "__int__", "__index__", "__bool__", "__array__"})
+
+
+class _Uses(TorchFunctionMode):
+    """Records, on the innermost running call, each leaf tensor needing grad that a torch op reads."""
+
+    def __init__(self, stack: list[Call]):
+        super().__init__()
+        self.stack = stack
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if self.stack and (isinstance(result, Tensor) or getattr(func, "__name__", "") in _READS):
+            used, grad = self.stack[-1].used, torch.is_grad_enabled()
+            for value in (*args, *(kwargs or {}).values()):
+                for t in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(t, Tensor) and t.requires_grad and t.grad_fn is None:
+                        used[id(t)] = used.get(id(t), False) or grad
+        return result
+
+
 def replay(model: nn.Module, calls: Iterable[tuple[nn.Module, tuple, dict]]) -> list[Call]:
     """Run recorded calls again with every module traced; the model's state is kept.
 
@@ -100,7 +127,7 @@ def replay(model: nn.Module, calls: Iterable[tuple[nn.Module, tuple, dict]]) -> 
     try:
         calls = list(calls)
         outermost = [c for c in calls if c[0] is model] or calls
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), _Uses(stack):
             for module, args, kwargs in outermost:
                 stack.clear()
                 module(*args, **kwargs)

@@ -61,3 +61,10 @@ def test_parameter_unused_on_every_rank_raises_the_same_error_on_every_rank_at_t
     outcomes = run_two_ranks("unused_everywhere", tmp_path)
     expected = [["error", [["aux.bias", "aux", "unused"], ["aux.weight", "aux", "unused"]]]]
     assert outcomes[0] == outcomes[1] == expected
+
+
+@pytest.mark.slow
+def test_cause_comes_from_the_rank_that_ran_the_branch_not_from_one_that_routed_it_out(tmp_path):
+    outcomes = run_two_ranks("detached_where_routed", tmp_path)
+    expected = [["error", [["experts.b.fc.bias", "experts.b", "detached"], ["experts.b.fc.weight", "experts.b", "detached"]]]]
+    assert outcomes[0] == outcomes[1] == expected
