@@ -40,14 +40,14 @@ def any_non_finite(grads: Sequence[Tensor]) -> bool:
     """
     if not grads:
         return False
-    grads = [stored(g) for g in grads]
+    grads = [stored(g) for g in grads]  # dense from here on
     first = grads[0]
     if (
         sum(g.numel() for g in grads) <= FUSED_UP_TO
         and first.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and all(g.device == first.device and g.dtype == first.dtype and g.layout == torch.strided and not g.requires_grad for g in grads)
+        and all(g.device == first.device and g.dtype == first.dtype and not g.requires_grad for g in grads)
     ):
         found = torch.zeros(1, device=first.device)
-        torch._amp_foreach_non_finite_check_and_unscale_(list(grads), found, torch.ones(1, device=first.device))
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=first.device))
         return bool(found.item())
-    return not math.isfinite(torch.stack(torch._foreach_norm(list(grads))).sum().item())
+    return not math.isfinite(torch.stack(torch._foreach_norm(grads)).sum().item())
