@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-fast bench clean
+.PHONY: install train test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -19,11 +19,19 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(PY) scripts/train.py +composite=parallel
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py

@@ -1,23 +1,25 @@
-"""composites: build models out of other models and train them without silent gradient bugs."""
+"""composites: build models out of other models and train them without silent gradient bugs.
+
+The subpackages, one concern each: ``modules`` (Sequential, Parallel, Conditional and routing),
+``guard`` (the gradient guard), ``training`` (Lightning), ``views`` (tables and pictures),
+``presets`` (the example models and data the configs use).
+"""
 
 import importlib
 
-from .conditional import Conditional
-from .gradient_flow import FlowNode, check_gradient_flow, format_flow, gradient_flow
-from .guard import GradientGuard
-from .parallel import Parallel
-from .problems import CAUSES, GradientFlowError, GuardReport, Problem
-from .sequential import Sequential, StageError
+from .guard import CAUSES, GradientFlowError, GradientGuard, GuardReport, Problem
+from .modules import Conditional, Parallel, Sequential, StageError
+from .views import FlowNode, check_gradient_flow, format_flow, gradient_flow
 
 # Lightning and matplotlib are heavy to import: these load on first use, so the composites and
 # the guard stay quick to import (spawned DDP workers, scripts, tests).
 _LAZY = {
-    "CompositeModule": "lightning_module",
-    "DigitsDataModule": "data",
-    "draw_flow_tree": "tree_plot",
-    "GradNormPlot": "grad_norm_callback",
-    "plot_grad_norms": "grad_norm_callback",
-    "submodel_grad_norms": "grad_norm_callback",
+    "CompositeModule": "training.module",
+    "DigitsDataModule": "presets.data",
+    "draw_flow_tree": "views.tree_plot",
+    "GradNormPlot": "training.grad_norm_callback",
+    "plot_grad_norms": "views.grad_norm_plot",
+    "submodel_grad_norms": "guard.structure",
 }
 
 __all__ = [

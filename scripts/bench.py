@@ -29,9 +29,8 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench_* helpers sit beside this file
 
-import torch  # noqa: E402
-
 import bench_timing  # noqa: E402
+import torch  # noqa: E402
 from bench_timing import Row, Settings  # noqa: E402
 
 
@@ -60,8 +59,10 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 def print_table(rows: list[Row]) -> None:
     width = max((len(r.name) for r in rows), default=20)
-    print(f"{'section':<11} {'comparison':<{width}} {'ratio':>7} {'IQR':>13} {'best':>6} {'target':>7} {'met':>4} "
-          f"{'case us':>10} {'base us':>10} {'rounds':>6}  note")
+    print(
+        f"{'section':<11} {'comparison':<{width}} {'ratio':>7} {'IQR':>13} {'best':>6} {'target':>7} {'met':>4} "
+        f"{'case us':>10} {'base us':>10} {'rounds':>6}  note"
+    )
     for r in rows:
         met = {None: "", True: "yes", False: "NO"}[r.met]
         iqr = "" if math.isnan(r.q1) else f"{r.q1:.3f}-{r.q3:.3f}"

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
 from bench_models import parallel_pair, sequential_pair
 from bench_timing import Row, Settings, compared, interleave
+from torch import Tensor, nn
+
 from composites import Conditional
 
 D = 32
@@ -66,7 +66,9 @@ def composites_to_compile() -> dict[str, tuple[nn.Module, dict[str, Any], Callab
         "Conditional router fn (data)": (Conditional(_branches(), router=by_data), {}, data(D)),
         "Conditional per-sample top-1": (Conditional(experts, router=nn.Linear(D, 8)), {}, data(D)),
         "Conditional per-sample top-1, capacity 1.25": (
-            Conditional(copy.deepcopy(experts), router=nn.Linear(D, 8), capacity_factor=1.25), {}, data(D)
+            Conditional(copy.deepcopy(experts), router=nn.Linear(D, 8), capacity_factor=1.25),
+            {},
+            data(D),
         ),
     }
 
@@ -103,12 +105,25 @@ def compile_section(s: Settings) -> list[Row]:
     for name, (model, kwargs, make) in composites_to_compile().items():
         graphs, breaks, reasons = _explain(model, kwargs, make())
         expect = EXPECT[name]
-        rows.append(Row("compile", f"{name}: graph breaks", float(breaks), target=None if expect else 0,
-                        note="; ".join(filter(None, [f"{graphs} graph(s)", reasons, expect]))))
+        rows.append(
+            Row(
+                "compile",
+                f"{name}: graph breaks",
+                float(breaks),
+                target=None if expect else 0,
+                note="; ".join(filter(None, [f"{graphs} graph(s)", reasons, expect])),
+            )
+        )
         batches = 3 if s.quick else 8
         unique = _recompiles(model, kwargs, make, batches)
-        rows.append(Row("compile", f"{name}: graphs compiled over {batches} fresh batches", float(unique),
-                        note="more graphs than the explain count = recompiles on data"))
+        rows.append(
+            Row(
+                "compile",
+                f"{name}: graphs compiled over {batches} fresh batches",
+                float(unique),
+                note="more graphs than the explain count = recompiles on data",
+            )
+        )
     if s.quick:  # inductor's C++ codegen takes seconds per model: not for a smoke run
         return rows
     for name, pair in {"Sequential": sequential_pair, "Parallel": parallel_pair}.items():
@@ -123,8 +138,23 @@ def compile_section(s: Settings) -> list[Row]:
                 "compiled hand": _fwd_bwd(torch.compile(hand), x, {}),
             }
             t = interleave(cases, s, warmup=2)
-            rows.append(compared("compile", f"{name} {size}: compiled / eager (forward+backward)", t, "compiled", "eager",
-                                 note="inductor, CPU"))
-            rows.append(compared("compile", f"{name} {size}: compiled composite / compiled hand-written", t, "compiled",
-                                 "compiled hand"))
+            rows.append(
+                compared(
+                    "compile",
+                    f"{name} {size}: compiled / eager (forward+backward)",
+                    t,
+                    "compiled",
+                    "eager",
+                    note="inductor, CPU",
+                )
+            )
+            rows.append(
+                compared(
+                    "compile",
+                    f"{name} {size}: compiled composite / compiled hand-written",
+                    t,
+                    "compiled",
+                    "compiled hand",
+                )
+            )
     return rows

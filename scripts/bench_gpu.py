@@ -11,12 +11,12 @@ import copy
 import time
 from collections.abc import Callable
 
-import torch
-from torch import Tensor, nn
-
 import bench_timing
+import torch
 from bench_models import moe_models
 from bench_timing import Row, Settings, compared, interleave
+from torch import Tensor, nn
+
 from composites import Parallel
 
 # (branches, width, depth, batch): small branches leave most of the GPU idle, large fill it
@@ -55,7 +55,9 @@ def _sync_count(fn: Callable[[], object]) -> int:
 
 def gpu_section(s: Settings) -> list[Row]:
     if not torch.cuda.is_available():
-        return [Row("gpu", "skipped: no CUDA device", float("nan"), note="run on a GPU machine for streams and GPU routing")]
+        return [
+            Row("gpu", "skipped: no CUDA device", float("nan"), note="run on a GPU machine for streams and GPU routing")
+        ]
     saved_clock, bench_timing.clock = bench_timing.clock, time.perf_counter
     try:
         return _streams(s) + _routing(s)
@@ -86,7 +88,9 @@ def _routing(s: Settings) -> list[Row]:
     cases = {name: _synced_step(m, x) for name, m in models.items()}
     t = interleave(cases, s, warmup=3)
     syncs = {name: _sync_count(lambda m=m: m(x)) for name, m in models.items()}
-    note = f"{n_experts} experts {d}-{h}-{d}, batch {batch}; host syncs per forward: " + ", ".join(f"{k} {v}" for k, v in syncs.items())
+    note = f"{n_experts} experts {d}-{h}-{d}, batch {batch}; host syncs per forward: " + ", ".join(
+        f"{k} {v}" for k, v in syncs.items()
+    )
     return [
         compared("gpu", "routing: routed / dense", t, "routed", "dense", note=note),
         compared("gpu", "routing: capacity 1.25 / dense", t, "capacity", "dense"),

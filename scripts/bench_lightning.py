@@ -14,18 +14,18 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 
+import bench_timing
 import pytorch_lightning as pl
 import torch
+from bench_timing import Row, Settings, Timings, compared
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-import bench_timing
-from bench_timing import Row, Settings, Timings, compared
 from composites import CompositeModule, Sequential
-from composites.data import DigitsDataModule
-from composites.models import MLP, ConvEncoder
+from composites.presets.data import DigitsDataModule
+from composites.presets.models import MLP, ConvEncoder
 
 TARGET = 1.10
 
@@ -50,10 +50,20 @@ class _EpochClock(pl.Callback):
 def _lightning(initial: nn.Module, loader: DataLoader, batches: int, **module_kwargs) -> Callable[[], float]:
     def run() -> float:
         clock = _EpochClock()
-        module = CompositeModule(copy.deepcopy(initial), nn.CrossEntropyLoss(), partial(torch.optim.Adam, lr=1e-3), **module_kwargs)
+        module = CompositeModule(
+            copy.deepcopy(initial), nn.CrossEntropyLoss(), partial(torch.optim.Adam, lr=1e-3), **module_kwargs
+        )
         trainer = pl.Trainer(
-            accelerator="cpu", max_epochs=1, limit_train_batches=batches, limit_val_batches=0, num_sanity_val_steps=0,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
+            accelerator="cpu",
+            max_epochs=1,
+            limit_train_batches=batches,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[clock],
         )
         trainer.fit(module, train_dataloaders=loader)
         return clock.seconds
@@ -102,7 +112,9 @@ def lightning_epoch(s: Settings) -> list[Row]:
     initial = Sequential({"encoder": ConvEncoder(out_features=64), "head": MLP(64, 10, hidden=[])})
 
     def loader(batch_size: int) -> DataLoader:  # the same shuffled order for every run
-        return DataLoader(data.train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            data.train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
 
     batches = 3 if s.quick else len(loader(64))  # 20 batches of 64 = one epoch
     big = 1 if s.quick else len(loader(256))
@@ -138,13 +150,45 @@ def lightning_epoch(s: Settings) -> list[Row]:
         gc.unfreeze()
     t = Timings(times)
     return [
-        compared("lightning", "epoch: CompositeModule+Trainer / raw loop", t, "lightning epoch", "raw epoch", TARGET,
-                 f"in-epoch time, {batches} batches of 64; guard on; accuracy and mean loss on both sides"),
-        compared("lightning", "whole fit(): CompositeModule+Trainer / raw loop", t, "lightning", "raw",
-                 note="incl. Trainer() and fit setup/teardown"),
-        compared("lightning", "epoch: Lightning bare (guard off, no metrics) / raw bare", t, "lightning bare epoch", "raw bare epoch",
-                 note="Lightning's own loop, CompositeModule's logging"),
-        compared("lightning", "epoch: raw with metrics / raw bare", t, "raw epoch", "raw bare epoch", note="the metric bookkeeping itself"),
-        compared("lightning", "epoch at batch 256: CompositeModule+Trainer / raw loop", t, "lightning b256 epoch", "raw b256 epoch",
-                 note=f"{big} batches of 256: same data, a quarter of the steps"),
+        compared(
+            "lightning",
+            "epoch: CompositeModule+Trainer / raw loop",
+            t,
+            "lightning epoch",
+            "raw epoch",
+            TARGET,
+            f"in-epoch time, {batches} batches of 64; guard on; accuracy and mean loss on both sides",
+        ),
+        compared(
+            "lightning",
+            "whole fit(): CompositeModule+Trainer / raw loop",
+            t,
+            "lightning",
+            "raw",
+            note="incl. Trainer() and fit setup/teardown",
+        ),
+        compared(
+            "lightning",
+            "epoch: Lightning bare (guard off, no metrics) / raw bare",
+            t,
+            "lightning bare epoch",
+            "raw bare epoch",
+            note="Lightning's own loop, CompositeModule's logging",
+        ),
+        compared(
+            "lightning",
+            "epoch: raw with metrics / raw bare",
+            t,
+            "raw epoch",
+            "raw bare epoch",
+            note="the metric bookkeeping itself",
+        ),
+        compared(
+            "lightning",
+            "epoch at batch 256: CompositeModule+Trainer / raw loop",
+            t,
+            "lightning b256 epoch",
+            "raw b256 epoch",
+            note=f"{big} batches of 256: same data, a quarter of the steps",
+        ),
     ]

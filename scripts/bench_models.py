@@ -125,7 +125,10 @@ def moe_models(d: int, h: int, n_experts: int, batch: int) -> tuple[dict[str, nn
         "dense": DenseMoE(copy.deepcopy(experts), copy.deepcopy(gate)),
         "loop": LoopMoE(copy.deepcopy(experts), copy.deepcopy(gate)),
         "capacity": Conditional(
-            {f"e{i}": e for i, e in enumerate(copy.deepcopy(experts))}, router=copy.deepcopy(gate), top_k=1, capacity_factor=1.25
+            {f"e{i}": e for i, e in enumerate(copy.deepcopy(experts))},
+            router=copy.deepcopy(gate),
+            top_k=1,
+            capacity_factor=1.25,
         ),
     }
     return models, torch.randn(batch, d)

@@ -6,10 +6,10 @@ import copy
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
-
 from bench_models import SIZES, moe_models, parallel_pair, sequential_pair, train_step
 from bench_timing import Row, Settings, compared, interleave
+from torch import Tensor, nn
+
 from composites import GradientGuard
 
 PAIRS = {"Sequential": sequential_pair, "Parallel": parallel_pair}
@@ -31,9 +31,21 @@ def composites_vs_hand(s: Settings) -> list[Row]:
                 "hand copy": train_step(copy.deepcopy(hand), x, y),  # A/A: what "no difference" measures as
             }
             t = interleave(cases, s)
-            rows.append(compared("composites", f"{kind} {size}: composite / hand-written", t, "composite", "hand", GLUE_TARGET[size]))
-            rows.append(compared("composites", f"{kind} {size}: hand-written copy / hand-written (A/A)", t, "hand copy", "hand",
-                                 note="the noise floor: any ratio this far from 1 is not a difference"))
+            rows.append(
+                compared(
+                    "composites", f"{kind} {size}: composite / hand-written", t, "composite", "hand", GLUE_TARGET[size]
+                )
+            )
+            rows.append(
+                compared(
+                    "composites",
+                    f"{kind} {size}: hand-written copy / hand-written (A/A)",
+                    t,
+                    "hand copy",
+                    "hand",
+                    note="the noise floor: any ratio this far from 1 is not a difference",
+                )
+            )
     return rows
 
 
@@ -61,7 +73,11 @@ def guard_overhead(s: Settings) -> list[Row]:
             del hooks_guard  # alive until here: the model's hooks hold their guard only weakly
             name = f"{kind} {size}: "
             rows.append(compared("guard", name + "check (finite on) / none", t, "full", "none", GUARD_TARGET[size]))
-            rows.append(compared("guard", name + "check (structural) / none", t, "structural", "none", STRUCTURAL_TARGET.get(size)))
+            rows.append(
+                compared(
+                    "guard", name + "check (structural) / none", t, "structural", "none", STRUCTURAL_TARGET.get(size)
+                )
+            )
             rows.append(compared("guard", name + "hooks only, no check() / none", t, "hooks only", "none"))
     return rows
 
@@ -115,9 +131,25 @@ def routing(s: Settings) -> list[Row]:
         note = f"{n_experts} experts {d}-{h}-{d}, batch {batch}; FLOP limit {1 / n_experts:.3f}"
         rows.append(compared("routing", f"{mode}: routed / dense", t, "routed", "dense", target, note))
         rows.append(compared("routing", f"{mode}: routed / per-sample loop", t, "routed", "loop"))
-        rows.append(compared("routing", f"{mode}: capacity 1.25 / dense", t, "capacity", "dense",
-                             note="fixed slots, no host read: compiles whole (see the compile section)"))
+        rows.append(
+            compared(
+                "routing",
+                f"{mode}: capacity 1.25 / dense",
+                t,
+                "capacity",
+                "dense",
+                note="fixed slots, no host read: compiles whole (see the compile section)",
+            )
+        )
         if "experts only" in cases:
-            rows.append(compared("routing", f"{mode}: routed / experts-only floor", t, "routed", "experts only",
-                                 note="dispatch overhead over the FLOP floor"))
+            rows.append(
+                compared(
+                    "routing",
+                    f"{mode}: routed / experts-only floor",
+                    t,
+                    "routed",
+                    "experts only",
+                    note="dispatch overhead over the FLOP floor",
+                )
+            )
     return rows

@@ -58,9 +58,7 @@ def _reps_for(fn: Callable[[], object], block_s: float) -> tuple[int, float]:
     return max(1, round(block_s / once)), once
 
 
-def interleave(
-    cases: dict[str, Callable[[], object]], settings: Settings, warmup: int = 3, seed: int = 0
-) -> Timings:
+def interleave(cases: dict[str, Callable[[], object]], settings: Settings, warmup: int = 3, seed: int = 0) -> Timings:
     """Time every case once per round, in a shuffled order; each sample is one block's mean.
 
     Short blocks and many rounds pair the cases closely in time, which is what cancels a
@@ -142,7 +140,20 @@ class Row:
         return None if self.target is None else self.ratio <= self.target
 
 
-def compared(section: str, name: str, t: Timings, case: str, base: str, target: float | None = None, note: str = "") -> Row:
+def compared(
+    section: str, name: str, t: Timings, case: str, base: str, target: float | None = None, note: str = ""
+) -> Row:
     ratio, q1, q3 = t.ratio(case, base)
-    return Row(section, name, ratio, q1, q3, t.best_ratio(case, base), target, t.median(case) * 1e6, t.median(base) * 1e6,
-               len(t.rounds[case]), note)
+    return Row(
+        section,
+        name,
+        ratio,
+        q1,
+        q3,
+        t.best_ratio(case, base),
+        target,
+        t.median(case) * 1e6,
+        t.median(base) * 1e6,
+        len(t.rounds[case]),
+        note,
+    )

@@ -21,8 +21,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, open_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # train.py sits next to this file
-from train import ConfigError, NoCompositeError, build  # noqa: E402
+from composites_hydra import ConfigError, build, register_configs
+
+register_configs()
 
 PNG_NAME = "gradient_flow.png"
 
@@ -35,9 +36,9 @@ def diagnose(cfg: DictConfig) -> int:
     """
     import pytorch_lightning as pl
 
-    from composites.gradient_flow import check_gradient_flow, format_flow
-    from composites.problems import format_table
-    from composites.tree_plot import draw_flow_tree
+    from composites.guard.problems import format_table
+    from composites.views.flow import check_gradient_flow, format_flow
+    from composites.views.tree_plot import draw_flow_tree
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     cfg = cfg.copy()
@@ -58,8 +59,10 @@ def diagnose(cfg: DictConfig) -> int:
     print(f"gradient flow of {type(model).__name__} after one backward on one training batch ({len(batch[1])} samples)")
     print(format_flow(tree))
     if report.ok:
-        print(f"\nguard: ok, all {report.checked} trainable parameters got a gradient "
-              f"({report.frozen} frozen, {report.inactive} in routed-out branches)")
+        print(
+            f"\nguard: ok, all {report.checked} trainable parameters got a gradient "
+            f"({report.frozen} frozen, {report.inactive} in routed-out branches)"
+        )
     else:
         print(f"\nguard: {len(report.problems)} problem(s):\n{format_table(report.problems)}")
     png = draw_flow_tree(tree, Path(cfg.paths.output_dir) / PNG_NAME)

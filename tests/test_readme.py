@@ -1,9 +1,10 @@
 """The README's Python example runs as written and shows what it claims."""
 
 import re
-from pathlib import Path
 
-README = Path(__file__).parents[1] / "README.md"
+from tests import ROOT
+
+README = ROOT / "README.md"
 
 
 def test_readme_example_runs_and_the_guard_names_the_detached_encoders(capsys):
@@ -18,5 +19,7 @@ def test_readme_example_runs_and_the_guard_names_the_detached_encoders(capsys):
 
 def test_readme_quick_start_is_the_two_make_commands():
     quick = README.read_text().split("## Quick start")[1].split("##")[0]
-    commands = [line.split("#")[0].strip() for line in re.findall(r"```bash\n(.*?)```", quick, flags=re.S)[0].splitlines()]
+    commands = [
+        line.split("#")[0].strip() for line in re.findall(r"```bash\n(.*?)```", quick, flags=re.S)[0].splitlines()
+    ]
     assert commands == ["make train", "make test"]

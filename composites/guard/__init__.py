@@ -1,0 +1,18 @@
+"""The gradient guard: per-backward hooks, the check, replay and diagnosis, the report; torch only."""
+
+from .gradient_guard import GradientGuard
+from .problems import CAUSES, GradientFlowError, GuardReport, Problem, format_table
+from .structure import COMPOSITES, grouped_grad_norms, submodel_grad_norms, submodel_names
+
+__all__ = [
+    "GradientGuard",
+    "GradientFlowError",
+    "GuardReport",
+    "Problem",
+    "CAUSES",
+    "format_table",
+    "COMPOSITES",
+    "grouped_grad_norms",
+    "submodel_grad_norms",
+    "submodel_names",
+]

@@ -1,0 +1,149 @@
+"""Replay a forward with hooks on every module to see what ran, how, and what reaches what."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..modules import Conditional
+
+
+@dataclass(eq=False)
+class Call:
+    """One module call seen during a replay."""
+
+    path: str
+    module: nn.Module
+    parent: Call | None
+    start: int
+    grad: bool
+    inputs: list[Any] = field(default_factory=list)  # autograd nodes, or leaf tensors needing grad
+    outputs: list[Any] = field(default_factory=list)
+    end: int = -1
+    # leaf tensors its own code passed to torch ops: id -> whether once with grad on. This is
+    # how a parameter whose module never runs (nn.ParameterList, a weight used functionally by
+    # its parent) is seen being used (detached? under no_grad?) rather than unused
+    used: dict[int, bool] = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        return 0 if self.parent is None else self.parent.depth + 1
+
+
+def _ends(value: Any, depth: int = 0) -> Iterable[Any]:
+    """Where each tensor in a (nested) value hangs in the graph."""
+    if isinstance(value, Tensor):
+        if value.grad_fn is not None:
+            yield value.grad_fn
+        elif value.requires_grad:
+            yield value
+    elif depth < 3 and isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _ends(v, depth + 1)
+    elif depth < 3 and isinstance(value, dict):
+        for v in value.values():
+            yield from _ends(v, depth + 1)
+
+
+def reachable(ends: Iterable[Any]) -> set[int]:
+    """Ids of the leaf tensors (parameters) the gradient would reach from these graph ends."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = list(ends)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Tensor):
+            found.add(id(node))
+            continue
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad holds its leaf
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+# what reads a tensor's values without returning a tensor (metadata such as .shape is no use)
+_READS = frozenset({"tolist", "item", "numpy", "__float__", "__int__", "__index__", "__bool__", "__array__"})
+
+
+class _Uses(TorchFunctionMode):
+    """Records, on the innermost running call, each leaf tensor needing grad that a torch op reads."""
+
+    def __init__(self, stack: list[Call]):
+        super().__init__()
+        self.stack = stack
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if self.stack and (isinstance(result, Tensor) or getattr(func, "__name__", "") in _READS):
+            used, grad = self.stack[-1].used, torch.is_grad_enabled()
+            for value in (*args, *(kwargs or {}).values()):
+                for t in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(t, Tensor) and t.requires_grad and t.grad_fn is None:
+                        used[id(t)] = used.get(id(t), False) or grad
+        return result
+
+
+def replay(model: nn.Module, calls: Iterable[tuple[nn.Module, tuple, dict]]) -> list[Call]:
+    """Run recorded calls again with every module traced; the model's state is kept.
+
+    The model's own calls are replayed when there are any; otherwise the calls a training
+    loop made to its sub-models directly (``model.encoder(x)`` then ``model.head(h)``).
+
+    Buffers (e.g. BatchNorm statistics), Conditional bookkeeping and the CPU random state are
+    restored afterwards, so a replay changes nothing the training loop can see.
+    """
+    trace: list[Call] = []
+    stack: list[Call] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    clock = itertools.count()
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = Call(
+            names.get(id(module), "?"), module, stack[-1] if stack else None, next(clock), torch.is_grad_enabled()
+        )
+        call.inputs = list(_ends((args, kwargs)))
+        trace.append(call)
+        stack.append(call)
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if stack and stack[-1].module is module:
+            call = stack.pop()
+            call.outputs, call.end = list(_ends(output)), next(clock)
+
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    saved = [
+        (c, c.active_branches, c._gate, set(c._ran_since_check)) for c in model.modules() if isinstance(c, Conditional)
+    ]
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
+    try:
+        calls = list(calls)
+        outermost = [c for c in calls if c[0] is model] or calls
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), _Uses(stack):
+            for module, args, kwargs in outermost:
+                stack.clear()
+                module(*args, **kwargs)
+    except Exception:  # a replay that fails still leaves what it traced
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in buffers and buffers[name].shape == buffer.shape:
+                    buffer.copy_(buffers[name])
+        for c, active, gate, ran in saved:
+            c.active_branches, c._gate, c._ran_since_check = active, gate, ran
+    return trace

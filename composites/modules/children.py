@@ -1,0 +1,115 @@
+"""A composite's children: registered under the user's names, called so that a failure names them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def named_modules_from(
+    modules: Mapping[str, nn.Module] | Sequence[nn.Module], what: str
+) -> list[tuple[str, nn.Module]]:
+    """Return ``(name, module)`` pairs from a mapping, or a sequence named "0", "1", ...
+
+    Raises a ``TypeError`` naming the entry when something is not an ``nn.Module``.
+    """
+    if isinstance(modules, (Mapping, nn.ModuleDict)):
+        items = [(str(k), v) for k, v in modules.items()]
+    elif isinstance(modules, (nn.ModuleList, nn.Sequential)):
+        items = list(modules.named_children())
+    elif isinstance(modules, Sequence) and not isinstance(modules, str):
+        items = [(str(i), v) for i, v in enumerate(modules)]
+    else:
+        raise TypeError(
+            f"{what} must be a mapping name -> nn.Module or a sequence of nn.Module, got {type(modules).__name__}"
+        )
+    if not items:
+        raise ValueError(f"{what} is empty: give at least one sub-model")
+    for name, module in items:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{what} entry '{name}' is a {type(module).__name__}, not an nn.Module")
+    return items
+
+
+def register_children(
+    owner: nn.Module, items: list[tuple[str, nn.Module]], what: str, reserved: tuple[str, ...] = ()
+) -> tuple[str, ...]:
+    """Register each module as a direct child under the user's own name.
+
+    Direct children keep parameter names short and the user's own (``encoder.weight``), as in
+    ``nn.Sequential``. A name that clashes with an attribute of the composite is refused here,
+    with the fix, rather than shadowing a method. ``reserved`` names the attributes the
+    composite sets only after registering its children (``mode``, ``router``, ...): a child
+    under such a name would be overwritten, or would break ``__init__``, so it is refused too.
+    """
+    for name, module in items:
+        clashes = name in reserved or (hasattr(owner, name) and name not in owner._modules)
+        if "." in name or name == "" or clashes:
+            raise ValueError(
+                f"{what} name '{name}' cannot be used: it is empty, has a '.', or clashes with "
+                f"an attribute of {type(owner).__name__}; rename it (e.g. '{name.replace('.', '_')}_')"
+            )
+        if name in owner._modules:
+            raise ValueError(f"{what} name '{name}' is given twice")
+        owner.add_module(name, module)
+    return tuple(name for name, _ in items)
+
+
+def describe(value: Any) -> str:
+    """A short description of what flows between sub-models: shapes, not values.
+
+    >>> import torch
+    >>> describe((torch.zeros(2, 3), {"a": torch.zeros(4)}))
+    '(Tensor[2, 3], {a: Tensor[4]})'
+    """
+    if isinstance(value, Tensor):
+        return f"Tensor[{', '.join(str(s) for s in value.shape)}]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in value) + ")"
+    return type(value).__name__
+
+
+class StageError(RuntimeError):
+    """A stage of a :class:`Sequential` (or a branch of a :class:`Parallel`) raised.
+
+    The message names it and what it received. ``stage`` is the dotted path of the failing
+    sub-model (each enclosing composite extends it), ``role`` says ``"stage"`` or ``"branch"``,
+    ``received`` the shapes it was given, ``cause`` the original exception.
+    """
+
+    def __init__(self, stage: str, module: str, received: str, cause: BaseException, role: str = "stage"):
+        self.stage, self.module, self.received, self.cause, self.role = stage, module, received, cause, role
+        self.failing: nn.Module | None = None  # the sub-model that raised (not pickled)
+        super().__init__(f"{role} '{stage}' ({module}) failed on input {received}: {type(cause).__name__}: {cause}")
+
+    def __reduce__(self):  # pickle (multiprocessing, DDP spawn) rebuilds it from all its fields
+        return type(self), (self.stage, self.module, self.received, self.cause, self.role)
+
+    @classmethod
+    def wrap(cls, name: str, child: nn.Module, received: str, error: Exception, role: str = "stage") -> StageError:
+        if isinstance(error, StageError):  # nested: keep the innermost failure, under its full path
+            # found by identity, so plain modules in between (a user's block holding a
+            # composite) and branches picked by a router appear in the path as well
+            inner = next((path for path, m in child.named_modules() if m is error.failing and path), error.stage)
+            wrapped = cls(f"{name}.{inner}", error.module, error.received, error.cause, error.role)
+            wrapped.failing = error.failing
+            return wrapped
+        wrapped = cls(name, type(child).__name__, received, error, role)
+        wrapped.failing = child
+        return wrapped
+
+
+def run_child(name: str, child: nn.Module, args: tuple, kwargs: dict, role: str = "stage") -> Any:
+    """Call a composite's sub-model; when it raises, re-raise naming it and what it received."""
+    if torch.compiler.is_compiling():  # no try/except in traced code: one graph, no breaks
+        return child(*args, **kwargs)
+    try:
+        return child(*args, **kwargs)
+    except Exception as error:
+        received = describe(args[0]) if len(args) == 1 and not kwargs else describe(args + tuple(kwargs.values()))
+        raise StageError.wrap(name, child, received, error, role) from error

@@ -1,0 +1,21 @@
+"""The Hydra edge of composites: the config schema and the instantiation chain of scripts/train.py.
+
+It lives apart from ``composites`` (which never imports Hydra) and is installed with it, so a
+job that unpickles a config on a cluster node (Hydra's submitit launcher) can import the schema.
+"""
+
+from .build import ConfigError, NoCompositeError, available_composites, build, build_node
+from .runs import keep_earlier_csv_logs, resume_path
+from .schema import TrainConfig, register_configs
+
+__all__ = [
+    "ConfigError",
+    "NoCompositeError",
+    "TrainConfig",
+    "available_composites",
+    "build",
+    "build_node",
+    "keep_earlier_csv_logs",
+    "register_configs",
+    "resume_path",
+]

@@ -1,0 +1,84 @@
+"""Composed config -> ``(datamodule, module, trainer)``: the chain of instantiations of a run."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .runs import keep_earlier_csv_logs
+from .schema import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; the scripts print the message and exit non-zero."""
+
+
+class NoCompositeError(ConfigError):
+    """No ``+composite=NAME`` was given; the message lists the choices."""
+
+
+def available_composites() -> list[str]:
+    """The names ``+composite=`` accepts: the ``composite`` group on Hydra's search path.
+
+    Under a running Hydra (the script, the compose API) that includes a user's ``--config-dir``
+    and ``hydra.searchpath``; otherwise the files in this repository's ``configs/composite/``.
+    """
+    if GlobalHydra.instance().is_initialized():
+        return sorted(GlobalHydra.instance().config_loader().get_group_options("composite"))
+    return sorted(p.stem for p in (CONFIG_DIR / "composite").glob("*.yaml"))
+
+
+def build_node(node: Any, **kwargs: Any) -> Any:
+    """Instantiate one config node; plain dicts and lists reach the objects.
+
+    Nothing built keeps config objects, so checkpoints stay loadable with ``weights_only=True``.
+
+    >>> build_node({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}).weight.shape
+    torch.Size([3, 2])
+    """
+    return instantiate(node, _convert_="all", **kwargs)
+
+
+def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """Instantiate ``(datamodule, module, trainer)`` from a composed config.
+
+    Raises:
+        NoCompositeError: ``cfg.model`` is not set because no composite was chosen.
+        ConfigError: a top-level key the schema does not know was added with ``+``.
+    """
+    if OmegaConf.is_missing(cfg, "model"):
+        choices = available_composites()
+        raise NoCompositeError(
+            "no composite chosen: add +composite=NAME, one of: "
+            + ", ".join(choices)
+            + (f"\n  e.g. python scripts/train.py +composite={choices[0]}" if choices else "")
+        )
+    # `+key=value` adds keys even to a structured config; at the top level that is a typo.
+    unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level key(s) {', '.join(unknown)}; the keys are those of TrainConfig in composites_hydra/schema.py"
+        )
+    if cfg.monitor_mode is None:  # a loss is best low, anything else (accuracy, F1) high
+        cfg.monitor_mode = "min" if "loss" in cfg.monitor else "max"
+    # Resolve once, enums as plain strings ("raise", "max"), so objects get ordinary values.
+    conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if conf["logger"] and cfg.ckpt_path is not None:
+        keep_earlier_csv_logs(conf["logger"])
+    datamodule = build_node(conf["data"])
+    model = build_node(conf["model"])
+    scheduler = build_node(conf["scheduler"]) if conf["scheduler"] else None
+    module = build_node(conf["module"], model=model, optimizer=build_node(conf["optimizer"]), scheduler=scheduler)
+    callbacks = [build_node(c) for c in conf["callbacks"].values() if c]
+    logger = build_node(conf["logger"]) if conf["logger"] else False
+    trainer = build_node(conf["trainer"], callbacks=callbacks, logger=logger)
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams({"config": conf})  # the whole run, next to the metrics
+    return datamodule, module, trainer

@@ -1,0 +1,184 @@
+"""Every Hydra config composes and instantiates; bad overrides fail with an error naming the key."""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+from omegaconf import OmegaConf
+
+from composites import CompositeModule, Conditional, Parallel, Sequential
+from composites.presets.data import DigitsDataModule
+from composites.presets.models import ConvEncoder
+from composites_hydra import ConfigError, NoCompositeError, available_composites, build, build_node
+from composites_hydra.build import CONFIG_DIR
+from tests.scripts.train_helpers import ROOT, compose_train
+
+COMPOSITES = ["conditional", "parallel", "sequential"]
+
+
+def test_the_composite_group_lists_exactly_the_shipped_presets():
+    assert available_composites() == COMPOSITES
+    assert sorted(p.stem for p in (ROOT / "configs" / "composite").glob("*.yaml")) == COMPOSITES
+
+
+@pytest.mark.parametrize(
+    "name, inputs, first_stage",
+    [("sequential", "image", ConvEncoder), ("parallel", "views", Parallel), ("conditional", "flat", Conditional)],
+)
+def test_each_composite_instantiates_a_real_model_for_its_data_view(tmp_path, name, inputs, first_stage):
+    cfg = compose_train(tmp_path, [f"+composite={name}"])
+    assert cfg.data.inputs == inputs
+    datamodule, module, trainer = build(cfg)
+    assert isinstance(datamodule, DigitsDataModule) and datamodule.inputs == inputs
+    assert isinstance(module, CompositeModule) and isinstance(module.model, Sequential)
+    assert module.guard_mode == "raise"
+    assert isinstance(getattr(module.model, module.model.stage_names[0]), first_stage)
+    assert isinstance(trainer, pl.Trainer) and trainer.max_epochs == cfg.trainer.max_epochs
+    datamodule.setup("fit")
+    x, y = next(iter(datamodule.train_dataloader()))
+    assert module(x).shape == (64, 10) and y.shape == (64,)
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam)
+    held = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in module.model.parameters())
+
+
+def test_defaults_wire_checkpoints_logging_and_the_run_directory(tmp_path):
+    cfg = compose_train(tmp_path, ["+composite=sequential"])
+    _, _, trainer = build(cfg)
+    checkpoint = trainer.checkpoint_callback
+    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val/acc", "max", False)
+    assert checkpoint.dirpath == str(tmp_path / "checkpoints")
+    (last,) = [c for c in trainer.callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c is not checkpoint]
+    assert (last.monitor, last.filename, last.dirpath) == (None, "last", checkpoint.dirpath)  # every epoch
+    assert isinstance(trainer.logger, pl.loggers.CSVLogger) and trainer.logger.log_dir == str(tmp_path / "logs") + "/"
+    assert trainer.default_root_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["default", "cpu", "gpu", "ddp"])
+def test_trainer_presets(tmp_path, preset):
+    trainer = compose_train(tmp_path, ["+composite=sequential", f"trainer={preset}"]).trainer
+    expected = {
+        "default": ("auto", "auto", 1, None),
+        "cpu": ("cpu", "auto", 1, None),
+        "gpu": ("gpu", "auto", 1, "bf16-mixed"),
+        "ddp": ("auto", "ddp", "auto", None),
+    }[preset]
+    assert (trainer.accelerator, trainer.strategy, trainer.devices, trainer.precision) == expected
+    if preset == "ddp":  # instantiable here on CPU processes; nothing is launched before fit
+        built = build_node({**trainer, "accelerator": "cpu", "devices": 2}, logger=False)
+        assert type(built.strategy).__name__ == "DDPStrategy" and built.num_devices == 2
+
+
+@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
+def test_optimizer_presets_are_partials(tmp_path, name, cls):
+    factory = build_node(compose_train(tmp_path, [f"optimizer={name}"]).optimizer)
+    assert isinstance(factory, partial)
+    assert isinstance(factory([torch.nn.Parameter(torch.zeros(1))]), cls)
+
+
+def test_logger_presets(tmp_path):
+    assert isinstance(build_node(compose_train(tmp_path).logger), pl.loggers.CSVLogger)
+    node = compose_train(tmp_path, ["logger=tensorboard"]).logger
+    assert node._target_ == "pytorch_lightning.loggers.TensorBoardLogger"
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        assert isinstance(build_node(node), pl.loggers.TensorBoardLogger)
+    else:  # optional package: the error says what to install
+        with pytest.raises(InstantiationException, match="Neither `tensorboard` nor `tensorboardX` is available"):
+            build_node(node)
+
+
+def test_param_groups_and_guard_mode_reach_the_module(tmp_path):
+    cfg = compose_train(
+        tmp_path, ["+composite=parallel", "guard=warn", "module.param_groups=[{prefix: fuse.image, lr: 0.0001}]"]
+    )
+    _, module, _ = build(cfg)
+    assert module.guard_mode == "warn" and module.hparams.param_groups == [{"prefix": "fuse.image", "lr": 0.0001}]
+    groups = module.configure_optimizers().param_groups
+    assert [(g["name"], g["lr"]) for g in groups] == [("fuse.image", 0.0001), ("default", 0.001)]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in module.model.fuse.image.parameters()}
+
+
+def test_a_scheduler_given_on_the_command_line_is_used(tmp_path):
+    cosine = "scheduler={_target_: torch.optim.lr_scheduler.CosineAnnealingLR, _partial_: true, T_max: 10}"
+    _, module, _ = build(compose_train(tmp_path, ["+composite=sequential", cosine]))
+    config = module.configure_optimizers()
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert config["lr_scheduler"]["interval"] == "epoch" and config["lr_scheduler"]["scheduler"].T_max == 10
+
+
+# ---------------------------------------------------------------- bad command lines
+def error_text(error: BaseException) -> str:
+    """Hydra wraps the OmegaConf error that names the key; the CLI prints both."""
+    return f"{error}\n{error.__cause__}"
+
+
+def test_no_composite_says_how_to_choose_one(tmp_path):
+    cfg = compose_train(tmp_path)
+    with pytest.raises(NoCompositeError, match=r"add \+composite=NAME, one of: conditional, parallel, sequential"):
+        build(cfg)
+
+
+def test_a_bogus_composite_lists_the_options(tmp_path):
+    with pytest.raises(MissingConfigException) as info:
+        compose_train(tmp_path, ["+composite=bogus"])
+    message = str(info.value)
+    assert "Could not find 'composite/bogus'" in message
+    assert "Available options in 'composite':\n\tconditional\n\tparallel\n\tsequential" in message
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("seedd=1", "Key 'seedd' not in 'TrainConfig'"),
+        ("guard=rase", "Invalid value 'rase', expected one of [raise, warn, off]\n    full_key: guard"),
+        ("seed=abc", "Value 'abc' of type 'str' could not be converted to Integer\n    full_key: seed"),
+        ("monitor_mode=maxx", "Invalid value 'maxx', expected one of [min, max]\n    full_key: monitor_mode"),
+        ("trainer.max_epoch=3", "Key 'max_epoch' not in 'TrainerConfig'"),
+        ("trainer.max_epochs=abc", "could not be converted to Integer\n    full_key: trainer.max_epochs"),
+        ("data.batchsize=8", "Could not override 'data.batchsize'"),
+    ],
+)
+def test_typos_and_wrong_types_name_the_key(tmp_path, override, expected):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train(tmp_path, ["+composite=sequential", override])
+    assert expected in error_text(info.value)
+
+
+def test_an_added_unknown_top_level_key_is_refused(tmp_path):
+    cfg = compose_train(tmp_path, ["+composite=sequential", "+seedd=1"])  # `+` bypasses the schema
+    with pytest.raises(ConfigError, match="unknown top-level key.s. seedd;"):
+        build(cfg)
+
+
+@pytest.mark.parametrize("monitor, mode", [("val/acc", "max"), ("val/loss", "min"), ("train/loss_epoch", "min")])
+def test_the_checkpoint_mode_follows_the_monitor_unless_given(tmp_path, monitor, mode):
+    _, _, trainer = build(compose_train(tmp_path, ["+composite=sequential", f"monitor={monitor}"]))
+    assert (trainer.checkpoint_callback.monitor, trainer.checkpoint_callback.mode) == (monitor, mode)
+    _, _, trainer = build(compose_train(tmp_path, ["+composite=sequential", f"monitor={monitor}", "monitor_mode=max"]))
+    assert trainer.checkpoint_callback.mode == "max"
+
+
+def test_composite_presets_leave_the_trainer_to_the_trainer_group():
+    # +composite= is applied after the defaults: a trainer key there would override trainer=<preset>
+    for path in (CONFIG_DIR / "composite").glob("*.yaml"):
+        assert "trainer" not in OmegaConf.load(path), path.name
+
+
+def test_a_per_step_scheduler_mapping_from_the_command_line(tmp_path):
+    schedule = "scheduler={scheduler:{_target_:torch.optim.lr_scheduler.OneCycleLR,_partial_:true,max_lr:0.01,total_steps:100},interval:step}"
+    _, module, _ = build(compose_train(tmp_path, ["+composite=sequential", schedule]))
+    config = module.configure_optimizers()
+    assert type(config["lr_scheduler"]["scheduler"]).__name__ == "OneCycleLR"
+    assert config["lr_scheduler"]["interval"] == "step"
+
+
+@pytest.mark.parametrize("override", ["data.val_fraction=0", "data.test_fraction=0", "data.val_fraction=0.9"])
+def test_impossible_split_fractions_name_the_keys(tmp_path, override):
+    with pytest.raises(InstantiationException, match=r"data\.val_fraction / data\.test_fraction"):
+        build(compose_train(tmp_path, ["+composite=sequential", override]))
