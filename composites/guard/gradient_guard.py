@@ -98,7 +98,7 @@ class GradientGuard:
             if isinstance(c, Conditional)
         ]
         for _, conditional, _ in self._conditionals:  # a forward made before the guard existed is not this step's
-            conditional._ran_since_check.clear()
+            conditional.drain_ran()
         self._unregistered = self._scan()
         self._scanned_after_forward = False
         self.optimizer: torch.optim.Optimizer | None = None
@@ -158,12 +158,11 @@ class GradientGuard:
         """Parameters of Conditional branches that were routed out in the forwards since the last check."""
         inactive: set[int] = set()
         for _, conditional, branch_params in self._conditionals:
-            ran = conditional._ran_since_check
+            ran = conditional.drain_ran()
             if ran:  # a Conditional that never ran excuses nothing: its branches are 'unused'
                 for branch, indices in branch_params.items():
                     if branch not in ran:
                         inactive |= indices
-                ran.clear()
         return inactive
 
     def _non_finite(self, loss: Tensor | None) -> tuple[bool, bool]:

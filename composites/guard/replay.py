@@ -121,9 +121,7 @@ def replay(model: nn.Module, calls: Iterable[tuple[nn.Module, tuple, dict]]) -> 
             call.outputs, call.end = list(_ends(output)), next(clock)
 
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    saved = [
-        (c, c.active_branches, c._gate, set(c._ran_since_check)) for c in model.modules() if isinstance(c, Conditional)
-    ]
+    saved = [(c, c.routing_state()) for c in model.modules() if isinstance(c, Conditional)]
     handles = []
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
@@ -144,6 +142,6 @@ def replay(model: nn.Module, calls: Iterable[tuple[nn.Module, tuple, dict]]) -> 
             for name, buffer in model.named_buffers():
                 if name in buffers and buffers[name].shape == buffer.shape:
                     buffer.copy_(buffers[name])
-        for c, active, gate, ran in saved:
-            c.active_branches, c._gate, c._ran_since_check = active, gate, ran
+        for c, state in saved:
+            c.load_routing_state(state)
     return trace

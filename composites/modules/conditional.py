@@ -78,7 +78,7 @@ class Conditional(nn.Module):
                 "dropped",
                 "active_branches",
                 "_ran_since_check",
-                "_gate",
+                "last_gate",
             ),
         )
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(self.branch_names):
@@ -99,7 +99,7 @@ class Conditional(nn.Module):
         self.dropped: Tensor | None = None  # (sample, branch) pairs past capacity in the last forward
         self.active_branches: tuple[str, ...] = ()
         self._ran_since_check: set[str] = set()  # drained by GradientGuard: what ran with grad since its last check
-        self._gate: tuple[Tensor, Tensor] | None = None  # (probs, chosen) of the last score routing
+        self.last_gate: tuple[Tensor, Tensor] | None = None  # (probs, chosen) of the last score routing
 
     def route(self, x: Any, *args: Any, **kwargs: Any) -> str | Tensor:
         """A branch name for the whole batch, or scores ``(batch, branches)`` (override point)."""
@@ -149,7 +149,7 @@ class Conditional(nn.Module):
                 # every branch ran: a fresh set, not an update, so torch.compile has no set
                 # contents to guard on and keeps one graph whatever the guard drained
                 self._ran_since_check = set(self.branch_names)
-        self._gate = (probs, chosen)
+        self.last_gate = (probs, chosen)
         return out
 
     def _run_branch(self, name: str, x: Any, args: tuple, kwargs: dict) -> Any:
@@ -158,7 +158,7 @@ class Conditional(nn.Module):
         self.active_branches = (name,)
         if torch.is_grad_enabled():
             self._ran_since_check.add(name)
-        self._gate = self.dropped = None
+        self.last_gate = self.dropped = None
         return run_child(name, self._modules[name], (x, *args), kwargs, role="branch")
 
     def _named_branch(self, name: str) -> Callable[[Tensor], Any]:
@@ -170,18 +170,45 @@ class Conditional(nn.Module):
         # The last gate (probs, chosen) is part of the autograd graph: non-leaf tensors cannot be
         # deep-copied or pickled, so a copy starts without it (like a fresh module).
         state = super().__getstate__()
-        state["_gate"] = None
+        state["last_gate"] = None
         state["dropped"] = None
         return state
+
+    def drain_ran(self) -> frozenset[str]:
+        """The branches that ran with gradients on since the last call, and forget them.
+
+        A gradient guard calls it once per check: a branch not in it was routed out on purpose
+        in every forward since, so its parameters getting no gradient is not a problem.
+
+        >>> c = Conditional({"a": nn.Identity(), "b": nn.Identity()}, router=lambda x: "a")
+        >>> _ = c(torch.ones(1)); sorted(c.drain_ran()), sorted(c.drain_ran())
+        (['a'], [])
+        """
+        ran = frozenset(self._ran_since_check)
+        self._ran_since_check = set()  # replaced, not cleared: torch.compile guards on no set contents
+        return ran
+
+    def routing_state(self) -> tuple[Any, ...]:
+        """What a forward records about its routing; :meth:`load_routing_state` puts it back.
+
+        A replay of the last forward (the guard's diagnosis) saves it first and restores it after,
+        so re-running the model leaves this step's routing as it was.
+        """
+        return self.active_branches, self.last_gate, self.dropped, set(self._ran_since_check)
+
+    def load_routing_state(self, state: tuple[Any, ...]) -> None:
+        """Restore what :meth:`routing_state` returned."""
+        self.active_branches, self.last_gate, self.dropped, ran = state
+        self._ran_since_check = set(ran)
 
     def load_balancing_loss(self) -> Tensor:
         """Switch-Transformer auxiliary loss of the last score-routed forward (1.0 when balanced).
 
         Add a small multiple of it to the training loss, e.g. ``loss + 0.01 * aux``.
         """
-        if self._gate is None:
+        if self.last_gate is None:
             raise RuntimeError("load_balancing_loss() needs a forward with score routing (a gate module) first")
-        probs, chosen = self._gate
+        probs, chosen = self.last_gate
         return load_balancing_loss(probs, chosen)
 
     def extra_repr(self) -> str:

@@ -135,12 +135,15 @@ class Parallel(nn.Module):
             found = ", ".join(f"'{n}': {tuple(v.shape)}" for n, v in outputs.items())
             raise ValueError(f"Parallel combine='{self.mode}' needs {part} from every branch; got {found}")
 
+    @property
+    def combine_name(self) -> str:
+        """How the branch outputs are merged, in words: a mode (``'concat'``), a function's name, or ``module``."""
+        if self.mode == "callable":
+            return getattr(self._combine_fn, "__name__", "callable")
+        return self.mode if self.mode == "module" else repr(self.mode)
+
     def extra_repr(self) -> str:
-        parts = (
-            [f"combine={self.mode!r}"]
-            if self.mode not in ("module", "callable")
-            else ([f"combine={getattr(self._combine_fn, '__name__', 'callable')}"] if self.mode == "callable" else [])
-        )
+        parts = [] if self.mode == "module" else [f"combine={self.combine_name}"]
         if getattr(self, "streams", False):
             parts.append("streams=True")
         return ", ".join(parts)

@@ -222,14 +222,14 @@ class CompositeModule(pl.LightningModule):
             train and self._trainer is not None and (step_is_logged(self._trainer) or self._trainer.is_last_batch)
         )
         if train and self.gates:
-            balance = [g.load_balancing_loss() for g in self.gates if g._gate is not None]
+            balance = [g.load_balancing_loss() for g in self.gates if g.last_gate is not None]
             if balance:  # logged so a collapsing gate shows
                 mean_balance = sum(balance) / len(balance)
                 self.epoch_means["train_load_balancing"].update(mean_balance, n)
                 if log_step:
                     self.log("train/load_balancing_step", mean_balance, on_step=True, on_epoch=False, batch_size=n)
                 loss = loss + self.load_balancing * sum(balance)
-        dropped = [g.dropped / max(1, g._gate[1].numel()) for g in self.capacity_gates if g.dropped is not None]
+        dropped = [g.dropped / max(1, g.last_gate[1].numel()) for g in self.capacity_gates if g.dropped is not None]
         if dropped:  # a device-side mean: no host read per step
             self.epoch_means[f"{stage}_dropped"].update(sum(dropped) / len(dropped), n)
         self.epoch_means[f"{stage}_loss"].update(loss, n)

@@ -75,9 +75,7 @@ def _describe(module: nn.Module) -> str:
     if isinstance(module, Sequential):
         return f"{len(module.stage_names)} stages"
     if isinstance(module, Parallel):
-        fn = getattr(module, "_combine_fn", None)
-        how = {"module": "module", "callable": getattr(fn, "__name__", "callable")}.get(module.mode, repr(module.mode))
-        return f"combine={how}"
+        return f"combine={module.combine_name}"
     if isinstance(module, Conditional):
         return module.extra_repr()
     return ""
