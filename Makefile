@@ -33,8 +33,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)
-	$(PY) scripts/bench.py
+bench: $(STAMP)  # options through ARGS: make bench ARGS="--quick --only guard"
+	$(PY) -m benchmarks $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun lightning_logs

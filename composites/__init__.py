@@ -18,6 +18,7 @@ _LAZY = {
     "DigitsDataModule": "presets.data",
     "draw_flow_tree": "views.tree_plot",
     "GradNormPlot": "training.grad_norm_callback",
+    "GradientGuardCallback": "training.guard_callback",
     "plot_grad_norms": "views.grad_norm_plot",
     "submodel_grad_norms": "guard.structure",
 }

@@ -5,17 +5,20 @@ job that unpickles a config on a cluster node (Hydra's submitit launcher) can im
 """
 
 from .build import ConfigError, NoCompositeError, available_composites, build, build_node
-from .runs import keep_earlier_csv_logs, resume_path
+from .runs import KeepEarlierRuns, keep_earlier_csv_logs, refuse_to_overwrite, resume_command, resume_path
 from .schema import TrainConfig, register_configs
 
 __all__ = [
     "ConfigError",
+    "KeepEarlierRuns",
     "NoCompositeError",
     "TrainConfig",
     "available_composites",
     "build",
     "build_node",
     "keep_earlier_csv_logs",
+    "refuse_to_overwrite",
     "register_configs",
+    "resume_command",
     "resume_path",
 ]

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .runs import keep_earlier_csv_logs
+from .checks import check_built, check_config, function_target_error
+from .runs import keep_earlier_csv_logs, refuse_to_overwrite
 from .schema import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -66,6 +68,8 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
         raise ConfigError(
             f"unknown top-level key(s) {', '.join(unknown)}; the keys are those of TrainConfig in composites_hydra/schema.py"
         )
+    refuse_to_overwrite(cfg.paths.output_dir, cfg.ckpt_path)  # never delete what an earlier run wrote
+    check_config(cfg, _command_line())
     if cfg.monitor_mode is None:  # a loss is best low, anything else (accuracy, F1) high
         cfg.monitor_mode = "min" if "loss" in cfg.monitor else "max"
     # Resolve once, enums as plain strings ("raise", "max"), so objects get ordinary values.
@@ -73,12 +77,23 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     if conf["logger"] and cfg.ckpt_path is not None:
         keep_earlier_csv_logs(conf["logger"])
     datamodule = build_node(conf["data"])
-    model = build_node(conf["model"])
+    try:
+        model = build_node(conf["model"])
+    except InstantiationException as error:
+        raise (function_target_error(error) or error) from error
     scheduler = build_node(conf["scheduler"]) if conf["scheduler"] else None
     module = build_node(conf["module"], model=model, optimizer=build_node(conf["optimizer"]), scheduler=scheduler)
+    check_built(cfg, module)
     callbacks = [build_node(c) for c in conf["callbacks"].values() if c]
     logger = build_node(conf["logger"]) if conf["logger"] else False
     trainer = build_node(conf["trainer"], callbacks=callbacks, logger=logger)
     if trainer.logger is not None:
         trainer.logger.log_hyperparams({"config": conf})  # the whole run, next to the metrics
     return datamodule, module, trainer
+
+
+def _command_line() -> list[str]:
+    """The run's command-line overrides under the Hydra app; none under the compose API."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

@@ -19,7 +19,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-GuardMode = Enum("GuardMode", [(m, m) for m in ("raise", "warn", "off")], type=str)
+from composites.training import GuardMode  # the one list of guard modes (composites.training.GUARD_MODES)
+
 MonitorMode = Enum("MonitorMode", [(m, m) for m in ("min", "max")], type=str)
 
 # Trainer arguments that arrive as objects from other groups, not as YAML values.

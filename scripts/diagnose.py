@@ -37,7 +37,7 @@ def diagnose(cfg: DictConfig) -> int:
     import pytorch_lightning as pl
 
     from composites.guard.problems import format_table
-    from composites.views.flow import check_gradient_flow, format_flow
+    from composites.views import check_gradient_flow, format_flow
     from composites.views.tree_plot import draw_flow_tree
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -15,16 +15,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from composites_hydra import ConfigError, build, register_configs, resume_path
+from composites.training import SignalCheckpoint
+from composites.views import text_table
+from composites_hydra import ConfigError, build, register_configs, resume_command, resume_path
 
 register_configs()
 
 
 def _print_table(metrics: dict[str, float]) -> None:
-    width = max([len("test metric"), *map(len, metrics)])
-    print(f"{'test metric':<{width}}  value")
-    for key in sorted(metrics):
-        print(f"{key:<{width}}  {metrics[key]:.4f}")
+    print(text_table(("test metric", "value"), [(key, f"{metrics[key]:.4f}") for key in sorted(metrics)]))
 
 
 def train(cfg: DictConfig) -> float:
@@ -37,6 +36,9 @@ def train(cfg: DictConfig) -> float:
 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
+    for callback in trainer.callbacks:  # a signal's message names the command that resumes this run
+        if isinstance(callback, SignalCheckpoint) and callback.resume_hint is None:
+            callback.resume_hint = resume_command(cfg.paths.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, trainer.default_root_dir))
     checkpoint = trainer.checkpoint_callback
     # "best" only from a checkpoint that tracked the monitored metric: a monitor-less one

@@ -2,7 +2,10 @@
 
 from .gradient_guard import GradientGuard
 from .problems import CAUSES, GradientFlowError, GuardReport, Problem, format_table
+from .starvation import STARVED_AFTER
+from .step import RecordedCall, StepRecord
 from .structure import COMPOSITES, grouped_grad_norms, submodel_grad_norms, submodel_names
+from .table import text_table
 
 __all__ = [
     "GradientGuard",
@@ -15,4 +18,8 @@ __all__ = [
     "grouped_grad_norms",
     "submodel_grad_norms",
     "submodel_names",
+    "STARVED_AFTER",
+    "StepRecord",
+    "RecordedCall",
+    "text_table",
 ]

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from ..modules import Conditional
 from .diagnosis import diagnose
-from .finite import any_non_finite
-from .hooks import Arrived, Recorder
+from .forward_state import StateCapture
+from .hooks import Arrived, record_calls, uncompiled
+from .inactive import InactiveParameters
+from .optimizer_coverage import OptimizerCoverage
+from .overflow import FiniteCheck
 from .problems import GradientFlowError, GuardReport, Problem
-from .structure import find_unregistered, grouped_grad_norms, submodel_names
+from .sharded import ShardedArrivals
+from .starvation import STARVED_AFTER
+from .step import RecordedCall, StepRecord
+from .structure import grouped_grad_norms, submodel_names, unregistered_tensors
 from .sync import gather_problems, is_distributed, reduce_flags
 
 
@@ -25,18 +31,34 @@ class GradientGuard:
     arrives for it, so leftover gradients from an earlier micro-batch or a zeroed
     ``.grad`` (``zero_grad(set_to_none=False)``) cannot hide a cut. The per-step check is a
     set difference plus, with ``check_finite``, one fused reduction and one host read. Only
-    when something is wrong does the guard replay the last forward with tracing hooks to name
-    the cause (detached, no_grad, unused, non_differentiable_route, ...) and where it happened.
+    when something is wrong does the guard replay the last forward, from the random state and
+    buffers it started with, with tracing hooks to name the cause (detached, no_grad, unused,
+    not_in_loss, non_differentiable_route, ...) and where it happened.
+
+    Branches a ``Conditional`` routed out and parameters matching ``may_skip`` may go without a
+    gradient in a step: they are inactive, not problems, until ``starved_after`` checks in a row
+    (a dead expert, a collapsed gate, a drop rate of 1.0; steps routed by name do not count).
 
     Args:
-        model: any ``nn.Module``; composites add branch names and routing knowledge.
+        model: any ``nn.Module``; composites add branch names and routing knowledge. A
+            ``torch.compile``-d model (or one compiled after the guard was built) is checked
+            the same way, its parameters named as in the eager model.
         optimizer: when given, trainable parameters it does not hold are reported
             (``not_in_optimizer``); also settable later with :meth:`set_optimizer`.
-        check_finite: also report NaN/Inf gradients (``non_finite``).
+        check_finite: also report NaN/Inf gradients (``non_finite``); a failing check names
+            the source in ``where``: the first module whose output went non-finite in
+            forward, else the first bad gradient in backward order, with the step.
         scaler: a ``torch.amp.GradScaler``; while it is enabled, non-finite gradients with a
             finite loss are an overflow step the scaler skips, not a problem, unless that
             happens ``overflow_patience`` steps in a row.
         overflow_patience: consecutive overflow steps tolerated under a scaler.
+        may_skip: glob patterns over parameter names (``"*.experts.*"``, ``"encoder.layers.*"``)
+            for parameters that routing the guard does not own may leave without a gradient
+            in a step (a Hugging Face MoE router, LayerDrop, stochastic depth). Each pattern
+            must match some parameter.
+        starved_after: checks in a row without a gradient that make an inactive branch or
+            may-skip parameter ``starved`` (``None``: off). The default, 200, gives no false
+            alarm for 8 experts top-1 ((7/8)**200 = 2.6e-12) or LayerDrop 0.1 (0.1**200).
 
     Example:
         >>> import torch
@@ -53,6 +75,10 @@ class GradientGuard:
           ...
         composites.guard.problems.GradientFlowError: 2 parameters did not get a proper gradient in this backward:
         ...
+        >>> guard = GradientGuard(model, may_skip=["0.*"])  # layer 0 may sit a step out
+        >>> model[1](torch.randn(2, 4)).sum().backward()
+        >>> guard.check().inactive_names
+        ['0.bias', '0.weight']
     """
 
     def __init__(
@@ -63,63 +89,64 @@ class GradientGuard:
         check_finite: bool = True,
         scaler: Any = None,
         overflow_patience: int = 20,
+        may_skip: Sequence[str] = (),
+        starved_after: int | None = STARVED_AFTER,
     ):
-        self.model = model
-        named = list(model.named_parameters())  # shared parameters once, under their first name
+        self.model = model = uncompiled(model)  # a compiled model: its eager module, named and replayed as such
+        self.check_finite, self._finite = check_finite, FiniteCheck(scaler, overflow_patience)
+        self._inactive = InactiveParameters(may_skip, starved_after)
+        self._reached: set[int] = set()
+        # grad-enabled calls kept until the next check, for a replay: the model's own, else (a loop
+        # calling encoder then head itself) its direct children's, kept apart so that many child calls
+        # in one forward (an RNN cell stepped 30 times) cannot push the model's call out
+        self._root_calls: deque[RecordedCall] = deque(maxlen=16)
+        self._calls: deque[RecordedCall] = deque(maxlen=16)
+        self._no_grad_calls: set[int] = set()  # ids of those modules called with grad off: the loop's no_grad
+        self._checks = 0
+        self._handles = record_calls(self, model)
+        self._param_handles: list[Any] = []
+        self._sharded: ShardedArrivals | None = None
+        self._hooked: set[int] = set()
+        self._capture = StateCapture(model)
+        self.set_optimizer(optimizer)
+        self.refresh_parameters()
+        self._inactive.drain()  # a forward made before the guard existed is not this step's
+        self._unregistered, self._scanned_after_forward = unregistered_tensors(self.model), False
+
+    def refresh_parameters(self) -> None:
+        """Read the parameters again (names, sub-models, branches, may-skip matches) and hook them anew.
+
+        Call it when they were replaced (sharded, reloaded); the old parameters' hooks are removed.
+        """
+        named = list(self.model.named_parameters())  # shared parameters once, under their first name
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.submodels = submodel_names(model, self.names)
-        self.check_finite, self.scaler, self.overflow_patience = check_finite, scaler, overflow_patience
-        self._reached: set[int] = set()
-        # grad-enabled calls, kept until the next check so a failure can be replayed: the
-        # model's own and, apart, its direct children's (a loop may call those itself: encoder
-        # then head), so that many child calls in one forward (an RNN cell stepped 30 times)
-        # cannot push the model's call out
-        self._root_calls: deque[tuple[nn.Module, tuple, dict]] = deque(maxlen=16)
-        self._calls: deque[tuple[nn.Module, tuple, dict]] = deque(maxlen=16)
-        self._no_grad_calls: set[int] = set()  # ids of those modules called with grad off: the loop's no_grad
-        self._overflows = 0
-        recorder = Recorder(self)
-        self._handles = [m.register_forward_pre_hook(recorder, with_kwargs=True) for m in (model, *model.children())]
-        self._hooked: set[int] = set()
+        self.submodels = submodel_names(self.model, self.names)
+        for handle in self._param_handles:
+            handle.remove()
+        self._param_handles.clear()
+        if self._sharded is not None:
+            self._sharded.remove()
+        self._sharded = ShardedArrivals.of(self.model, self.names)  # FSDP2: hooks on the unsharded tensors
+        self._hooked.clear()
         # a lazy parameter cannot be hooked before its first forward; check() hooks it after
         self._hook({i for i, p in enumerate(self.params) if p.requires_grad and not is_lazy(p)})
-        index = {n: i for i, n in enumerate(self.names)}
-        self._conditionals = [
-            (
-                path,
-                c,
-                {
-                    b: {i for n, i in index.items() if n.startswith(f"{path}.{b}." if path else f"{b}.")}
-                    for b in c.branch_names
-                },
-            )
-            for path, c in model.named_modules()
-            if isinstance(c, Conditional)
-        ]
-        for _, conditional, _ in self._conditionals:  # a forward made before the guard existed is not this step's
-            conditional.drain_ran()
-        self._unregistered = self._scan()
-        self._scanned_after_forward = False
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._optimizer_key: tuple[int, int] | None = None
-        self._not_in_optimizer: list[int] = []
-        self.set_optimizer(optimizer)
-
-    def _scan(self) -> list[tuple[str, str]]:
-        """Unregistered tensors as (attribute path, sub-model) pairs."""
-        found = [path for path, _ in find_unregistered(self.model)]
-        return list(submodel_names(self.model, found).items())
+        self._inactive.refresh(self.model, self.names)
+        self._capture.refresh()
+        self._coverage.forget()
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Check from now on that every trainable parameter is in ``optimizer``."""
-        self.optimizer, self._optimizer_key = optimizer, None
+        self.optimizer, self._coverage = optimizer, OptimizerCoverage(optimizer)
 
     def remove(self) -> None:
         """Remove the guard's hooks from the model."""
-        for handle in self._handles:
+        for handle in (*self._handles, *self._param_handles):
             handle.remove()
+        if self._sharded is not None:
+            self._sharded.remove()
         self._handles.clear()
+        self._param_handles.clear()
         self._hooked.clear()
 
     def _hook(self, indices: set[int]) -> None:
@@ -128,60 +155,21 @@ class GradientGuard:
         A tensor hook, not a post-accumulate one: under torch.compile the compiled backward
         visits every parameter and hands the unreached ones ``None``, which only this hook sees.
         """
-        add = self._reached.add
+        add, sharded, params = self._reached.add, self._sharded, self.params
         for i in indices:
-            self._handles.append(self.params[i].register_hook(Arrived(add, i).mark))
+            mark = Arrived(add, i).mark
+            self._param_handles.append(sharded.hook(i, mark) if sharded is not None else params[i].register_hook(mark))
         self._hooked |= indices
 
-    def _record_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def record_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Note a forward call of the model or a direct child (the forward pre-hook calls it): a call with
+        gradients on is kept with the random state (and the step's first, the buffers) it starts from."""
         if not torch.is_grad_enabled():
             self._no_grad_calls.add(id(module))
         elif module is self.model:
-            self._root_calls.append((module, args, kwargs))
-        else:
-            self._calls.append((module, args, kwargs))
-
-    def _replayable(self) -> list[tuple[nn.Module, tuple, dict]]:
-        """The model's own calls since the last check, else the calls a loop made to its sub-models."""
-        return list(self._root_calls or self._calls)
-
-    def _missing_from_optimizer(self) -> list[int]:
-        groups = self.optimizer.param_groups
-        key = (len(groups), sum(len(g["params"]) for g in groups))
-        if key != self._optimizer_key:  # recomputed only when the optimizer's groups change
-            held = {id(p) for g in groups for p in g["params"]}
-            self._not_in_optimizer = [i for i, p in enumerate(self.params) if id(p) not in held]
-            self._optimizer_key = key
-        return [i for i in self._not_in_optimizer if self.params[i].requires_grad]
-
-    def _inactive(self) -> set[int]:
-        """Parameters of Conditional branches that were routed out in the forwards since the last check."""
-        inactive: set[int] = set()
-        for _, conditional, branch_params in self._conditionals:
-            ran = conditional.drain_ran()
-            if ran:  # a Conditional that never ran excuses nothing: its branches are 'unused'
-                for branch, indices in branch_params.items():
-                    if branch not in ran:
-                        inactive |= indices
-        return inactive
-
-    def _non_finite(self, loss: Tensor | None) -> tuple[bool, bool]:
-        """(a NaN/Inf gradient to report, a GradScaler overflow step let through); one fused pass, one host read."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads or not any_non_finite(grads):
-            self._overflows = 0
-            return False, False
-        # only a finite loss makes it an overflow step: a NaN loss is a real NaN, and neither
-        # counts toward the patience nor resets the count
-        if (
-            self.scaler is not None
-            and self.scaler.is_enabled()
-            and (loss is None or bool(torch.isfinite(loss.detach()).all()))
-        ):
-            self._overflows += 1
-            if self._overflows <= self.overflow_patience:
-                return False, True  # an overflow step: the scaler skips it and lowers its scale
-        return True, False
+            self._root_calls.append(RecordedCall(module, args, kwargs, self._capture(not self._root_calls)))
+        elif not self._root_calls:  # the model's own calls are the ones replayed: children inside need nothing
+            self._calls.append(RecordedCall(module, args, kwargs, self._capture(not self._calls)))
 
     def check(self, raise_error: bool = True, loss: Tensor | None = None) -> GuardReport:
         """Check the backward(s) since the last call; call it right after each ``loss.backward()``.
@@ -193,27 +181,44 @@ class GradientGuard:
         Returns:
             A :class:`GuardReport` (``ok``, counts, ``grad_norms()``).
         """
+        self._checks += 1  # the step a non_finite problem names
         if not self._scanned_after_forward and (
             self._root_calls or self._calls
         ):  # catches tensors set lazily in the first forward
-            self._unregistered, self._scanned_after_forward = self._scan(), True
+            self._unregistered, self._scanned_after_forward = unregistered_tensors(self.model), True
         trainable = {i for i, p in enumerate(self.params) if p.requires_grad}
-        inactive = self._inactive() & trainable
+        inactive, countable = self._inactive.drain()
+        inactive &= trainable
         unhooked = {i for i in trainable - self._hooked if not is_lazy(self.params[i])}
         if unhooked:  # unfrozen (or materialized) since the guard was built: checked from the next backward on
             self._hook(unhooked)
         missing = trainable - self._reached - inactive - unhooked
-        not_in_opt = self._missing_from_optimizer() if self.optimizer is not None else []
-        non_finite, overflow = self._non_finite(loss) if self.check_finite else (False, False)
+        not_in_opt = self._coverage.missing(self.params)
+        non_finite, overflow = self._finite(self.params, loss) if self.check_finite else (False, False)
         distributed = is_distributed()
-        explain = missing
+        explain, reached = missing, self._reached
         if distributed:  # one collective: a parameter is fine when any rank reached it
-            flagged, non_finite = reduce_flags(self.params, self._reached, missing, non_finite)
+            reached = set()
+            flagged, non_finite = reduce_flags(self.params, self._reached, missing, non_finite, anywhere=reached)
             # a rank explains only what it missed itself: where it was routed out, another rank has the cause
             missing, explain = flagged, flagged & missing
+        starved = self._inactive.starved(countable & trainable, reached, inactive - missing)
         problems: list[Problem] = []
-        if missing or non_finite or not_in_opt or self._unregistered:
-            problems = diagnose(self, explain, non_finite, not_in_opt)
+        if missing or non_finite or not_in_opt or self._unregistered or starved:
+            calls, no_grad = list(self._root_calls or self._calls), frozenset(self._no_grad_calls)
+            step = StepRecord(
+                self.model,
+                self.names,
+                self.params,
+                self.submodels,
+                calls,
+                no_grad,
+                self._unregistered,
+                check=self._checks,
+                loss=loss,
+            )
+            explained = diagnose if self._sharded is None else self._sharded.diagnose
+            problems = explained(step, explain, non_finite, not_in_opt, starved)
             if distributed:
                 problems = gather_problems(problems)
         shown = inactive - self._reached
@@ -238,4 +243,6 @@ class GradientGuard:
 
     def grad_norms(self) -> dict[str, float]:
         """L2 norm of each sub-model's current gradient (qualified name -> norm); one host read."""
+        if self._sharded is not None:  # whole parameters, not this rank's shard (a collective: every rank calls it)
+            return self._sharded.grad_norms(self.names, self.params, self.submodels)
         return grouped_grad_norms(zip(self.names, self.params), self.submodels)

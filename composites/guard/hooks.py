@@ -1,10 +1,12 @@
-"""The hooks a GradientGuard puts on a model: they never carry the guard into a copy or a pickle."""
+"""The hooks a GradientGuard puts on a model: they never carry the guard into a copy or a pickle,
+and they work on a model that is (or is later) ``torch.compile``-d."""
 
 from __future__ import annotations
 
 import weakref
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -15,25 +17,81 @@ class Dropped:
         return None
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The eager module behind ``torch.compile(model)`` (the model itself when it is not compiled).
+
+    The guard names parameters as the eager model does (``fc.weight``, not ``_orig_mod.fc.weight``)
+    and replays the eager module: the same graph, traced op by op.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> uncompiled(torch.compile(layer)) is layer, uncompiled(layer) is layer
+        (True, True)
+    """
+    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+
+
+@torch.compiler.disable
+def _record(recorder: Recorder, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The model's own call recorded while Dynamo traces it: run eagerly, so Dynamo neither traces
+    the recording nor fails on it (one graph break, before the model's graph)."""
+    guard = recorder.guard()
+    if guard is not None:
+        guard.record_call(module, args, kwargs)
+
+
 class Recorder:
     """The forward pre-hook. It holds the guard weakly, and copies and pickles as a no-op, so a
-    model deep-copied (EMA, teacher) or saved whole never carries the guard or its recorded calls."""
+    model deep-copied (EMA, teacher) or saved whole never carries the guard or its recorded calls.
 
-    __slots__ = ("guard",)
+    ``root`` marks the hook on the model itself: its calls are what a failing check replays, so
+    it records even when Dynamo meets it (a model compiled before or after the guard was built):
+    outside a compiled region as usual it costs nothing, inside one (a compiled ``nn.Sequential``
+    or training step) one graph break before the model's graph. The hooks on the model's children
+    record nothing while Dynamo traces them (no graph break): a failing check replays the model's
+    recorded call eagerly and sees them there.
+    """
 
-    def __init__(self, guard: Any):
-        self.guard = weakref.ref(guard)
+    __slots__ = ("guard", "root")
+
+    def __init__(self, guard: Any, root: bool = False):
+        self.guard, self.root = weakref.ref(guard), root
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            if self.root:
+                _record(self, module, args, kwargs)
+            return
         guard = self.guard()
         if guard is not None:
-            guard._record_call(module, args, kwargs)
+            guard.record_call(module, args, kwargs)
 
     def __deepcopy__(self, memo: dict) -> Dropped:
         return Dropped()
 
     def __reduce__(self) -> tuple:
         return Dropped, ()
+
+
+def record_calls(guard: Any, model: nn.Module) -> list[Any]:
+    """Put the guard's recorders on ``model`` (compiled or not) and its direct children; returns the handles.
+
+    Example:
+        >>> class Guard:
+        ...     calls = []
+        ...     def record_call(self, module, args, kwargs):
+        ...         self.calls.append(type(module).__name__)
+        >>> model, guard = nn.Sequential(nn.Linear(2, 2)), Guard()
+        >>> handles = record_calls(guard, model)
+        >>> _ = model(torch.zeros(1, 2))
+        >>> guard.calls
+        ['Sequential', 'Linear']
+    """
+    eager = uncompiled(model)
+    handles = [eager.register_forward_pre_hook(Recorder(guard, True), with_kwargs=True)]
+    recorder = Recorder(guard)
+    handles += [m.register_forward_pre_hook(recorder, with_kwargs=True) for m in eager.children()]
+    return handles
 
 
 class Arrived:

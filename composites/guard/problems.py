@@ -5,14 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .table import text_table
+
 HINTS: dict[str, str] = {
     "detached": "Keep the graph connected there: drop the .detach()/.data, and use torch ops instead of a .numpy()/.tolist()/.item() round trip or a torch.tensor() re-wrap.",
     "no_grad": "Run it with gradients on (remove the torch.no_grad()/inference_mode() around it), or freeze it with requires_grad_(False) if it is not meant to train.",
-    "unused": "Call it in forward (or route to it), or freeze or remove it if it is not meant to train.",
+    "unused": "Call or read it in forward (or route to it), freeze or remove it if it is not meant to train, or declare it may_skip if only some steps use it.",
     "not_registered": "Wrap it in nn.Parameter (self.x = nn.Parameter(tensor)) so parameters(), the optimizer and state_dict see it.",
     "not_in_optimizer": "Build the optimizer from model.parameters() (or add a param group that holds it).",
     "non_differentiable_route": "Return soft scores from the router (Conditional weights each output by its gate probability); argmax/topk indices carry no gradient.",
     "non_finite": "Find the NaN/Inf source (log of 0, division, exploding loss): lower the learning rate, clip gradients, or add an eps.",
+    "not_in_loss": "Use that output in the loss (e.g. add the auxiliary head's loss), drop or freeze (requires_grad_(False)) the part that makes it, or declare its parameters may_skip.",
+    "starved": "Revive it: balance the router (a load-balancing loss, router noise, capacity), lower the drop rate, or narrow may_skip; raise starved_after (None: off) if this is expected.",
 }
 CAUSES: tuple[str, ...] = tuple(HINTS)
 
@@ -50,14 +54,13 @@ def format_table(problems: Sequence[Problem]) -> str:
         >>> print(format_table([Problem("head.weight", "head", "unused", "'head' never ran in forward")]))
         parameter    sub-model  cause   where
         head.weight  head       unused  'head' never ran in forward
-        fix unused: Call it in forward (or route to it), or freeze or remove it if it is not meant to train.
+        fix unused: Call or read it in forward (or route to it), freeze or remove it if it is not meant to train, or declare it may_skip if only some steps use it.
     """
-    rows = [("parameter", "sub-model", "cause", "where")]
-    rows += [(p.parameter, p.module or "(model)", p.cause, p.where or "-") for p in problems]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    rows = [(p.parameter, p.module or "(model)", p.cause, p.where or "-") for p in problems]
     hints = {p.cause: p.hint for p in problems}
-    return "\n".join(lines + [f"fix {cause}: {hint}" for cause, hint in hints.items()])
+    return "\n".join(
+        [text_table(("parameter", "sub-model", "cause", "where"), rows)] + [f"fix {c}: {h}" for c, h in hints.items()]
+    )
 
 
 class GradientFlowError(RuntimeError):

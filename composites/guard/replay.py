@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..modules import Conditional
+from .forward_state import state_kept
+from .step import RecordedCall
 
 
 @dataclass(eq=False)
@@ -75,6 +76,17 @@ def reachable(ends: Iterable[Any]) -> set[int]:
 _READS = frozenset({"tolist", "item", "numpy", "__float__", "__int__", "__index__", "__bool__", "__array__"})
 
 
+def _holds_tensor(result: Any) -> bool:
+    """A tensor, or a tuple of them (``F.multi_head_attention_forward``); not metadata such as a ``torch.Size``."""
+    if isinstance(result, Tensor):
+        return True
+    return (
+        isinstance(result, (tuple, list))
+        and not isinstance(result, torch.Size)
+        and any(isinstance(r, Tensor) for r in result)
+    )
+
+
 class _Uses(TorchFunctionMode):
     """Records, on the innermost running call, each leaf tensor needing grad that a torch op reads."""
 
@@ -84,7 +96,7 @@ class _Uses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if self.stack and (isinstance(result, Tensor) or getattr(func, "__name__", "") in _READS):
+        if self.stack and (_holds_tensor(result) or getattr(func, "__name__", "") in _READS):
             used, grad = self.stack[-1].used, torch.is_grad_enabled()
             for value in (*args, *(kwargs or {}).values()):
                 for t in value if isinstance(value, (list, tuple)) else (value,):
@@ -93,14 +105,16 @@ class _Uses(TorchFunctionMode):
         return result
 
 
-def replay(model: nn.Module, calls: Iterable[tuple[nn.Module, tuple, dict]]) -> list[Call]:
+def replay(model: nn.Module, calls: Iterable[RecordedCall | tuple[nn.Module, tuple, dict]]) -> list[Call]:
     """Run recorded calls again with every module traced; the model's state is kept.
 
     The model's own calls are replayed when there are any; otherwise the calls a training
     loop made to its sub-models directly (``model.encoder(x)`` then ``model.head(h)``).
 
-    Buffers (e.g. BatchNorm statistics), Conditional bookkeeping and the CPU random state are
-    restored afterwards, so a replay changes nothing the training loop can see.
+    Each call starts from the random state (CPU and CUDA) and buffers it was recorded with,
+    so LayerDrop, dropout and router noise take the path they took. Buffers (e.g. BatchNorm
+    statistics), Conditional bookkeeping and the random generators are restored afterwards, so
+    a replay changes nothing the training loop can see.
     """
     trace: list[Call] = []
     stack: list[Call] = []
@@ -120,28 +134,22 @@ def replay(model: nn.Module, calls: Iterable[tuple[nn.Module, tuple, dict]]) -> 
             call = stack.pop()
             call.outputs, call.end = list(_ends(output)), next(clock)
 
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    saved = [(c, c.routing_state()) for c in model.modules() if isinstance(c, Conditional)]
     handles = []
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
     try:
-        calls = list(calls)
-        outermost = [c for c in calls if c[0] is model] or calls
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), _Uses(stack):
-            for module, args, kwargs in outermost:
+        calls = [c if isinstance(c, RecordedCall) else RecordedCall(*c) for c in calls]
+        outermost = [c for c in calls if c.module is model] or calls
+        with state_kept(model), torch.enable_grad(), _Uses(stack):
+            for call in outermost:
+                if call.state is not None:
+                    call.state.start(model)
                 stack.clear()
-                module(*args, **kwargs)
+                call.module(*call.args, **call.kwargs)
     except Exception:  # a replay that fails still leaves what it traced
         pass
     finally:
         for handle in handles:
             handle.remove()
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if name in buffers and buffers[name].shape == buffer.shape:
-                    buffer.copy_(buffers[name])
-        for c, state in saved:
-            c.load_routing_state(state)
     return trace

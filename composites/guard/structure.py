@@ -7,15 +7,12 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..modules import Conditional, Parallel, Sequential
+from ..modules import Conditional, Parallel, Sequential, enclosing, join_name
 from .finite import stored
+from .sharded import is_sharded, whole_grad_norms
 
 COMPOSITES = (Sequential, Parallel, Conditional)
 _MODULE_STATE = frozenset(vars(nn.Module()))
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def submodel_names(model: nn.Module, parameter_names: list[str]) -> dict[str, str]:
@@ -33,16 +30,14 @@ def submodel_names(model: nn.Module, parameter_names: list[str]) -> dict[str, st
         {'encoder.0.weight': 'encoder', 'head.bias': 'head'}
     """
     children = {
-        _join(path, child)
+        join_name(path, child)
         for path, module in model.named_modules()
         if isinstance(module, COMPOSITES)
-        for child in module._modules
+        for child, _ in module.named_children()
     }
     result = {}
     for name in parameter_names:
-        parts = name.split(".")[:-1]
-        prefixes = [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
-        result[name] = next((p for p in prefixes if p in children), ".".join(parts))
+        result[name] = next((p for p in enclosing(name) if p in children), name.rpartition(".")[0])
     return result
 
 
@@ -82,14 +77,31 @@ def find_unregistered(model: nn.Module) -> list[tuple[str, str]]:
                     and item.requires_grad
                     and item.is_leaf
                 ):
-                    found.append((_join(path, attr) + suffix, path))
+                    found.append((join_name(path, attr) + suffix, path))
     return found
 
 
-def grouped_grad_norms(named: Iterable[tuple[str, nn.Parameter]], owners: Mapping[str, str]) -> dict[str, float]:
+def unregistered_tensors(model: nn.Module) -> list[tuple[str, str]]:
+    """:func:`find_unregistered`, each with the sub-model that owns it, as the guard reports it.
+
+    Example:
+        >>> import torch
+        >>> from composites import Sequential
+        >>> layer = nn.Linear(2, 2)
+        >>> layer.scale = torch.ones(2, requires_grad=True)
+        >>> unregistered_tensors(Sequential({"encoder": nn.Sequential(layer)}))
+        [('encoder.0.scale', 'encoder')]
+    """
+    return list(submodel_names(model, [path for path, _ in find_unregistered(model)]).items())
+
+
+def grouped_grad_norms(
+    named: Iterable[tuple[str, nn.Parameter]], owners: Mapping[str, str], root: str = "(model)"
+) -> dict[str, float]:
     """L2 norm of the current gradient of each sub-model (``owners``: parameter -> sub-model).
 
-    Parameters without a gradient are left out; one host read for all groups.
+    Parameters without a gradient are left out; one host read for all groups. A sparse
+    gradient counts by its stored values. The model itself (owner ``""``) is named ``root``.
 
     Example:
         >>> import torch
@@ -98,10 +110,13 @@ def grouped_grad_norms(named: Iterable[tuple[str, nn.Parameter]], owners: Mappin
         >>> grouped_grad_norms([("head.w", w)], {"head.w": "head"})
         {'head': 5.0}
     """
+    named = list(named)
+    if any(p.grad is not None and is_sharded(p.grad) for _, p in named):  # FSDP2: whole norms, not this rank's shard
+        return whole_grad_norms(named, owners, root)
     groups: dict[str, list[Tensor]] = {}
     for name, p in named:
         if p.grad is not None:
-            groups.setdefault(owners[name] or "(model)", []).append(stored(p.grad.detach()))
+            groups.setdefault(owners[name] or root, []).append(stored(p.grad.detach()))
     if not groups:
         return {}
     norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g))) for g in groups.values()]

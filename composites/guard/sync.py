@@ -17,13 +17,18 @@ def is_distributed() -> bool:
 
 
 def reduce_flags(
-    params: Sequence[nn.Parameter], reached: set[int], missing: set[int], non_finite: bool
+    params: Sequence[nn.Parameter],
+    reached: set[int],
+    missing: set[int],
+    non_finite: bool,
+    anywhere: set[int] | None = None,
 ) -> tuple[set[int], bool]:
     """Combine every rank's view with a single MAX all-reduce.
 
     A parameter is fine when any rank reached it (that is what DDP's gradient all-reduce
     gives); it is a problem when no rank reached it and some rank had no excuse (a routed-out
     branch is an excuse). Every rank gets the same answer, so all raise together or none does.
+    When given, ``anywhere`` is filled with the parameters some rank reached (what starvation counts).
     """
     n = len(params)
     device = params[0].device if n else torch.device("cpu")
@@ -38,8 +43,10 @@ def reduce_flags(
     flags = flags.to(device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     flags = flags.cpu()
-    anywhere = flags[:n].bool()
-    flagged = flags[n : 2 * n].bool() & ~anywhere
+    reached_somewhere = flags[:n].bool()
+    flagged = flags[n : 2 * n].bool() & ~reached_somewhere
+    if anywhere is not None:
+        anywhere.update(reached_somewhere.nonzero().flatten().tolist())
     return set(flagged.nonzero().flatten().tolist()), bool(flags[2 * n])
 
 

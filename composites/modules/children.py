@@ -30,7 +30,13 @@ def named_modules_from(
         raise ValueError(f"{what} is empty: give at least one sub-model")
     for name, module in items:
         if not isinstance(module, nn.Module):
-            raise TypeError(f"{what} entry '{name}' is a {type(module).__name__}, not an nn.Module")
+            hint = (
+                ": a function is not a sub-model; use a module class (torch.nn.ReLU, not torch.nn.functional.relu) "
+                "or wrap the function in an nn.Module"
+                if callable(module) and not isinstance(module, type)
+                else ""
+            )
+            raise TypeError(f"{what} entry '{name}' is a {type(module).__name__}, not an nn.Module{hint}")
     return items
 
 
@@ -56,6 +62,39 @@ def register_children(
             raise ValueError(f"{what} name '{name}' is given twice")
         owner.add_module(name, module)
     return tuple(name for name, _ in items)
+
+
+def join_name(prefix: str, name: str) -> str:
+    """The qualified name of ``name`` inside the module at ``prefix`` (``""`` is the model itself).
+
+    >>> join_name("encoder", "weight"), join_name("", "head")
+    ('encoder.weight', 'head')
+    """
+    return f"{prefix}.{name}" if prefix else name
+
+
+def is_under(name: str, prefix: str) -> bool:
+    """Whether a qualified name is ``prefix`` itself or lies inside it (``""`` holds every name).
+
+    The one test for "this parameter or module belongs to that sub-model": a plain
+    ``startswith(prefix)`` would put ``encoder2.weight`` inside ``encoder``.
+
+    >>> is_under("encoder.0.weight", "encoder"), is_under("encoder", "encoder"), is_under("encoder2.w", "encoder")
+    (True, True, False)
+    >>> is_under("head.bias", "")
+    True
+    """
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
+def enclosing(name: str) -> list[str]:
+    """The module paths that hold a parameter (or attribute) name, innermost first; ``""`` is left out.
+
+    >>> enclosing("encoder.layers.0.weight")
+    ['encoder.layers.0', 'encoder.layers', 'encoder']
+    """
+    parts = name.split(".")[:-1]
+    return [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
 
 
 def describe(value: Any) -> str:

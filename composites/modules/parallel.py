@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .children import describe, named_modules_from, register_children, run_child
+from .children import StageError, describe, named_modules_from, register_children, run_child
 from .streams import cuda_device_of, run_on_streams
 
 COMBINES = ("concat", "sum", "mean", "stack", "dict")
@@ -90,9 +91,19 @@ class Parallel(nn.Module):
                 for name, call in calls.items()
             }
             return self.combine(run_on_streams(jobs, (args, kwargs), device))
-        return self.combine(
-            {name: run_child(name, self._modules[name], *call, role="branch") for name, call in calls.items()}
-        )
+        if torch.compiler.is_compiling():  # no try/except in traced code
+            return self.combine({name: self._modules[name](*call[0], **call[1]) for name, call in calls.items()})
+        try:
+            outputs = {name: run_child(name, self._modules[name], *call, role="branch") for name, call in calls.items()}
+        except StageError as error:
+            if per_branch is None and len(args) == 1 and isinstance(args[0], Mapping):
+                error.add_note(
+                    f"The input is a mapping whose keys ({', '.join(map(str, args[0]))}) are not the branch names "
+                    f"({', '.join(self.branch_names)}), so every branch got the whole mapping: name the branches "
+                    "after the keys to give each its own entry."
+                )
+            raise
+        return self.combine(outputs)
 
     def _per_branch_inputs(self, args: tuple, kwargs: dict) -> Mapping[str, Any] | None:
         if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
@@ -101,7 +112,18 @@ class Parallel(nn.Module):
             candidate = kwargs
         else:
             return None
-        return candidate if all(name in candidate for name in self.branch_names) else None
+        present = [name for name in self.branch_names if name in candidate]
+        if len(present) < len(self.branch_names):
+            return None  # not every branch named: every branch gets the whole mapping
+        extra = [str(k) for k in candidate if k not in self.branch_names]
+        if extra and not torch.compiler.is_compiling() and not getattr(self, "_warned_extra", False):
+            self._warned_extra = True
+            warnings.warn(
+                f"Parallel ignores input entries {', '.join(extra)}: no branch has that name "
+                f"(branches: {', '.join(self.branch_names)})",
+                stacklevel=3,
+            )
+        return candidate
 
     def combine(self, outputs: dict[str, Any]) -> Any:
         """Merge the mapping of branch outputs into the composite's output (override point)."""

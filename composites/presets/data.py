@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from ..training import ResumableLoader
+from ..training.flavours import Flavoured
 
 KINDS = ("image", "flat")
 INPUTS = (*KINDS, "views")
@@ -32,12 +34,12 @@ class _Digits(Dataset):
         return self._view(self.inputs, i), self.targets[i]
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(Flavoured):
     """scikit-learn's 1,797 handwritten 8x8 digits, split, standardised and batched.
 
     The split is stratified and fixed by ``seed``; pixels are standardised with the mean and
     standard deviation of the training split only (no leak from val/test). Targets are class
-    indices 0-9.
+    indices ``0 .. num_classes - 1``.
 
     Args:
         inputs: what a sample's input is: ``"image"`` (float ``1x8x8``), ``"flat"`` (a
@@ -49,6 +51,8 @@ class DigitsDataModule(pl.LightningDataModule):
         val_fraction: share of all samples held out for validation.
         test_fraction: share of all samples held out for testing.
         seed: seed of the split (independent of the training seed).
+        num_classes: keep the digits ``0 .. num_classes - 1`` (2 to 10); the configs size the
+            model's head and the metrics from it (``${data.num_classes}``).
 
     Example:
         >>> dm = DigitsDataModule(inputs="views", batch_size=4)
@@ -60,7 +64,7 @@ class DigitsDataModule(pl.LightningDataModule):
         (1257, 270, 270)
     """
 
-    num_classes = 10
+    lightning_base = "LightningDataModule"  # a LightningDataModule of the Lightning the program imported
 
     def __init__(
         self,
@@ -71,8 +75,13 @@ class DigitsDataModule(pl.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 0,
+        num_classes: int = 10,
     ):
         super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= 10:
+            raise ValueError(
+                f"num_classes={num_classes!r} must be an int from 2 to 10 (data.num_classes): the digits kept"
+            )
         views = dict(views) if views is not None else {"image": "image", "flat": "flat"}
         if inputs not in INPUTS:
             raise ValueError(f"inputs='{inputs}' is not one of {', '.join(INPUTS)}")
@@ -87,6 +96,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.inputs, self.views, self.batch_size, self.num_workers = inputs, views, batch_size, num_workers
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.num_classes = num_classes
         self.train_set: _Digits | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -95,15 +105,23 @@ class DigitsDataModule(pl.LightningDataModule):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
-        data = load_digits()
+        data = load_digits(n_class=self.num_classes)
         images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
         targets = torch.tensor(data.target, dtype=torch.long)
         index = list(range(len(targets)))
         held = self.val_fraction + self.test_fraction
-        train, rest = train_test_split(index, test_size=held, stratify=data.target, random_state=self.seed)
-        val, test = train_test_split(
-            rest, test_size=self.test_fraction / held, stratify=data.target[rest], random_state=self.seed
-        )
+        try:
+            train, rest = train_test_split(index, test_size=held, stratify=data.target, random_state=self.seed)
+            val, test = train_test_split(
+                rest, test_size=self.test_fraction / held, stratify=data.target[rest], random_state=self.seed
+            )
+        except ValueError as error:  # a split too small to hold every class
+            least = round(2 * self.num_classes / len(index), 3)
+            raise ValueError(
+                f"val_fraction={self.val_fraction}, test_fraction={self.test_fraction} of {len(index)} samples leave "
+                f"a split with fewer samples than the {self.num_classes} classes (stratified splits need one of each): "
+                f"raise data.val_fraction / data.test_fraction to at least {least}"
+            ) from error
         mean, std = images[train].mean(), images[train].std()
         images = (images - mean) / std
         self.train_set, self.val_set, self.test_set = (
@@ -111,7 +129,8 @@ class DigitsDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
+        # resumable: a mid-epoch checkpoint resumes on the same batches, in the same order
+        return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,

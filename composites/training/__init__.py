@@ -1,6 +1,44 @@
-"""The Lightning side: the module, its callbacks, optimizer groups, epoch logging, strategy set-up."""
+"""The Lightning side: the module, its callbacks, optimizer groups, epoch logging, strategy set-up.
 
-from .grad_norm_callback import GradNormPlot
-from .module import CompositeModule
+Importing this package imports no Lightning: each name loads on first use, so ``composites.X(...)``
+can build the class of the Lightning package the program imported (see :mod:`.flavours`).
+To add a name, add it to ``_LAZY`` (name -> module in this package).
+"""
 
-__all__ = ["CompositeModule", "GradNormPlot"]
+import importlib
+
+from .flavours import chosen_package, using_lightning
+from .guard_callback import GUARD_MODES, GradientGuardCallback, GuardMode
+from .non_finite import NonFiniteCheckpointError, NonFiniteStepsError
+
+_LAZY = {
+    "AtomicCheckpointIO": "checkpoints",
+    "StepCheckpoint": "checkpoints",
+    "SignalCheckpoint": "signals",
+    "TrainingInterrupted": "signals",
+    "CompositeModule": "module",
+    "ResumableLoader": "resumable_loader",
+    "ResumeState": "resume_state",
+    "GradNormPlot": "grad_norm_callback",
+    "FreezeSubmodels": "freeze",
+    "TerminalProgress": "run_output",
+    "quiet_lightning": "run_output",
+    "route_lightning_logs": "run_output",
+}
+
+__all__ = [
+    "GUARD_MODES",
+    "GuardMode",
+    "GradientGuardCallback",
+    "NonFiniteCheckpointError",
+    "NonFiniteStepsError",
+    "chosen_package",
+    "using_lightning",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'composites.training' has no attribute '{name}'")

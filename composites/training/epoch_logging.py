@@ -62,10 +62,25 @@ class RunningMean(Metric):
         return self.total / self.count
 
 
-def step_is_logged(trainer: Any, every: int | None = None) -> bool:
+def stage_metrics(metrics: Metric | MetricCollection | None, stage: str) -> MetricCollection | None:
+    """A fresh copy of ``metrics`` for one stage, prefixed ``<stage>/`` (train/val/test never share state).
+
+    >>> from torchmetrics.classification import MulticlassAccuracy
+    >>> list(stage_metrics(MulticlassAccuracy(num_classes=3), "val").keys(keep_base=False))
+    ['val/MulticlassAccuracy']
+    """
+    if metrics is None:
+        return None
+    collection = metrics if isinstance(metrics, MetricCollection) else MetricCollection([metrics])
+    return collection.clone(prefix=f"{stage}/")
+
+
+def step_is_logged(trainer: Any, every: int | None = None, epoch_end: bool = False) -> bool:
     """Whether Lightning writes step-level logs for the optimizer step under way.
 
-    ``every`` overrides the trainer's ``log_every_n_steps`` (a callback's own cadence).
+    ``every`` overrides the trainer's ``log_every_n_steps`` (a callback's own cadence);
+    ``epoch_end`` also counts an epoch's last batch (so the progress bar and ``callback_metrics``
+    end the epoch on its final step). The one cadence of the module, the guard and the plot.
 
     Lightning flushes step logs when the step number plus one is a multiple of
     ``log_every_n_steps`` (and on every step under ``fast_dev_run``); values logged on other
@@ -81,6 +96,8 @@ def step_is_logged(trainer: Any, every: int | None = None) -> bool:
     if trainer is None:
         return False
     every = every or trainer.log_every_n_steps
+    if epoch_end and trainer.is_last_batch:
+        return True
     return bool(trainer.fast_dev_run) or (every > 0 and (trainer.global_step + 1) % every == 0)
 
 

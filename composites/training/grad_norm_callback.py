@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 from torch import nn
 
 from ..guard import submodel_grad_norms, submodel_names
 from ..views.grad_norm_plot import plot_grad_norms
 from .epoch_logging import step_is_logged
+from .flavours import Flavoured
+from .guard_callback import active_guard
 
 
 def _trainable_submodels(pl_module: nn.Module) -> list[str]:
@@ -20,13 +21,13 @@ def _trainable_submodels(pl_module: nn.Module) -> list[str]:
     return list(dict.fromkeys(owner or "(model)" for owner in submodel_names(model, names).values()))
 
 
-class GradNormPlot(pl.Callback):
+class GradNormPlot(Flavoured):
     """Record each sub-model's gradient norm while training and save a PNG of it when ``fit`` ends.
 
     Every ``every_n_steps`` optimizer steps (default: the trainer's ``log_every_n_steps``, the
     cadence at which :class:`~composites.CompositeModule` logs ``grad_norm/<sub-model>``) it
-    reads the norms before the optimizer steps. With a guarded ``CompositeModule`` these are the
-    very values the module logs; with any other ``LightningModule`` (or ``guard="off"``) the
+    reads the norms before the optimizer steps. With a guard at work (a guarded ``CompositeModule``,
+    or a :class:`GradientGuardCallback`) these are the very values the guard logs; without one the
     callback computes them (:func:`submodel_grad_norms` on ``pl_module.model``, or on the module
     itself) and logs them as ``grad_norm/<sub-model>`` to the configured logger(s). Steps at
     which the guard reported a problem (``guard="warn"``) are marked in the plot. The PNG is
@@ -43,6 +44,8 @@ class GradNormPlot(pl.Callback):
         >>> callback.history, callback.path
         ({}, None)
     """
+
+    lightning_base = "Callback"
 
     def __init__(
         self, filename: str = "grad_norms.png", dirpath: str | Path | None = None, every_n_steps: int | None = None
@@ -62,20 +65,23 @@ class GradNormPlot(pl.Callback):
         self.problem_steps = list(state_dict["problem_steps"])
         self._restored = True
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.check_trainer(trainer)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if not self._restored:  # a fresh fit starts a fresh plot; a resumed one goes on
             self.history, self.problem_steps = {}, []
         self.path, self._restored = None, False
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         step = trainer.global_step
-        report = getattr(pl_module, "report", None)  # CompositeModule: the guard's last check
+        guard = active_guard(trainer, pl_module)
+        report = guard.report if guard is not None else None  # the guard's last check
         if report is not None and not report.ok and step not in self.problem_steps[-1:]:
             self.problem_steps.append(step)
         if not step_is_logged(trainer, self.every_n_steps):
             return
-        guarded = report is not None and getattr(pl_module, "guard", None) is not None
-        if guarded:  # the module logs these itself at log_every_n_steps
+        if report is not None:  # the guard logs these itself at log_every_n_steps
             norms = report.grad_norms()
         else:
             model = getattr(pl_module, "model", None)
@@ -87,15 +93,15 @@ class GradNormPlot(pl.Callback):
         for name, norm in norms.items():
             self.history.setdefault(name, []).append((step, float(norm)))
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def _save(self, trainer: Any) -> None:
         if not trainer.is_global_zero:
             return
         folder = Path(self.dirpath) if self.dirpath is not None else Path(trainer.default_root_dir)
         self.path = plot_grad_norms(self.history, folder / self.filename, self.problem_steps)
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._save(trainer)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.history or self.problem_steps:
             self._save(trainer)

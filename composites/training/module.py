@@ -5,29 +5,23 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
-from ..guard import GradientFlowError, GradientGuard, GuardReport
+from ..guard import GradientGuard, GuardReport
 from ..modules import Conditional
-from .epoch_logging import epoch_means, log_epoch, reset_epoch, step_is_logged
+from .epoch_logging import epoch_means, log_epoch, reset_epoch, stage_metrics, step_is_logged
+from .flavours import Flavoured, chosen_package, package_of, spans_processes, using_lightning
+from .guard_callback import GradientGuardCallback, GuardMode
+from .inputs import check_optimizer_factory, check_trainable, split_batch
 from .param_groups import build_param_groups, plain
-from .strategy import prepare_strategy
-
-GUARD_MODES = ("raise", "warn", "off")
-
-
-def _stage_metrics(metrics: Metric | MetricCollection | None, stage: str) -> MetricCollection | None:
-    if metrics is None:
-        return None
-    collection = metrics if isinstance(metrics, MetricCollection) else MetricCollection([metrics])
-    return collection.clone(prefix=f"{stage}/")  # a fresh copy per stage: train/val/test never share state
+from .routing_terms import routing_terms
+from .schedules import configure_schedule
 
 
-class CompositeModule(pl.LightningModule):
+class CompositeModule(Flavoured):
     """A ``LightningModule`` around any model (composite or not), guarded after every backward.
 
     Batches are ``(input, target)``; the input (a tensor, or a mapping such as the views a
@@ -41,6 +35,9 @@ class CompositeModule(pl.LightningModule):
       backward, before the optimizer steps;
     - ``guard="warn"``: a rank-zero warning with the table, once per distinct set of problems;
     - ``guard="off"``: no hooks, no check, no gradient-norm logging.
+
+    ``composites.CompositeModule(...)`` is a LightningModule of the Lightning package the program
+    imported (``lightning`` or ``pytorch_lightning``; see :mod:`composites.training.flavours`).
 
     It logs the sample-weighted mean loss and the metrics once per epoch (``train/loss_epoch``,
     ``val/loss``, ``test/loss``, ``train/acc``, ``val/acc``, ...; val/test over all DDP ranks),
@@ -64,7 +61,10 @@ class CompositeModule(pl.LightningModule):
         metrics: a torchmetrics ``Metric`` or ``MetricCollection``, cloned per stage with the
             prefixes ``train/``, ``val/``, ``test/`` (a collection's keys name the metrics).
         param_groups: e.g. ``[{"prefix": "encoder", "lr": 1e-4}]``; see :func:`build_param_groups`.
-        guard: ``"raise"`` (default), ``"warn"`` or ``"off"``.
+        guard: ``"raise"`` (default), ``"warn"`` or ``"off"``, or a :class:`GradientGuardCallback`
+            with more options (``may_skip``, the non-finite policy, ...); the module runs it through
+            its own hooks. Under ``warn`` a step with NaN/Inf gradients is skipped (the default
+            policy) and a checkpoint with NaN/Inf weights is never written.
         load_balancing: weight of the Switch-Transformer load-balancing loss of every
             score-routed :class:`Conditional`, added to the training loss so a learned gate
             keeps using all its experts (0 turns it off). Logged as ``train/load_balancing_step``
@@ -91,6 +91,8 @@ class CompositeModule(pl.LightningModule):
         (True, 4)
     """
 
+    lightning_base = "LightningModule"
+
     def __init__(
         self,
         model: nn.Module,
@@ -99,46 +101,73 @@ class CompositeModule(pl.LightningModule):
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         metrics: Metric | MetricCollection | None = None,
         param_groups: Sequence[Mapping[str, Any]] | None = None,
-        guard: str = "raise",
+        guard: str | GuardMode | GradientGuardCallback = "raise",
         load_balancing: float = 0.0,
     ):
         super().__init__()
-        guard = str(getattr(guard, "value", guard))  # a str-valued Enum (a validated config) works too
-        if guard not in GUARD_MODES:
-            raise ValueError(f"guard='{guard}' is not one of {', '.join(GUARD_MODES)}")
+        check_optimizer_factory(optimizer)
+        if isinstance(guard, GradientGuardCallback):
+            callback = guard
+        else:
+            with using_lightning(package_of(self) or chosen_package()):  # used through this module's hooks
+                callback = GradientGuardCallback(guard)
         param_groups = plain(param_groups) if param_groups is not None else None
         # Only plain values go into hparams: checkpoints are read with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["model", "loss", "optimizer", "scheduler", "metrics"])
+        self.save_hyperparameters(ignore=["model", "loss", "optimizer", "scheduler", "metrics", "guard"])
+        self.hparams["guard"] = callback.mode
         self.model = model
         self.loss_fn = loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.param_groups, self.guard_mode = param_groups, guard
+        self.param_groups, self.guard_callback = param_groups, callback
         self.load_balancing = load_balancing
         self.gates = [m for m in model.modules() if isinstance(m, Conditional)] if load_balancing else []
-        self.train_metrics = _stage_metrics(metrics, "train")
-        self.val_metrics = _stage_metrics(metrics, "val")
-        self.test_metrics = _stage_metrics(metrics, "test")
+        self.train_metrics = stage_metrics(metrics, "train")
+        self.val_metrics = stage_metrics(metrics, "val")
+        self.test_metrics = stage_metrics(metrics, "test")
         self.capacity_gates = [
             m for m in model.modules() if isinstance(m, Conditional) and m.capacity_factor is not None
         ]
         # loss sums, logged once per epoch
         self.epoch_means = epoch_means(load_balancing=bool(self.gates), dropped=bool(self.capacity_gates))
-        self.guard: GradientGuard | None = None
-        self.report: GuardReport | None = None  # the last check's report
-        self._warned: set[frozenset[tuple[str, str]]] = set()
-        self._last_loss: Tensor | None = None
+
+    @property
+    def guard_mode(self) -> str:
+        """``"raise"``, ``"warn"`` or ``"off"``."""
+        return self.guard_callback.mode
+
+    @property
+    def guard(self) -> GradientGuard | None:
+        """The guard on the model (built by ``configure_optimizers``; ``None`` with ``guard="off"``)."""
+        return self.guard_callback.guard
+
+    @guard.setter
+    def guard(self, guard: GradientGuard | None) -> None:  # scripts/diagnose.py runs its own check
+        self.guard_callback.detach()
+        self.guard_callback.guard = guard
+
+    @property
+    def report(self) -> GuardReport | None:
+        """The last check's report."""
+        return self.guard_callback.report
 
     def forward(self, x: Any) -> Any:
         return self.model(x)
 
-    # ---------------------------------------------------------------- optimizer and guard
+    # ---------------------------------------------------------------- optimizer and guard: the callback's hooks
     def setup(self, stage: str) -> None:
         # Runs before the strategy wraps the model: DDP must learn about routed (Conditional)
-        # branches now, and FSDP with the guard on is refused now rather than mid-training.
-        if stage == "fit":
-            chosen = prepare_strategy(self.trainer.strategy, self.model, guard_on=self.guard_mode != "off")
-            if chosen:
-                rank_zero_info(chosen)
+        # branches now, and FSDP1 with the guard on is refused now rather than mid-training.
+        self.guard_callback.prepare(self.trainer, self, stage)
+
+    def configure_model(self) -> None:
+        # FSDP2 (trainer=fsdp): one unit per sub-model, then the root; the guard is built after, on the shards
+        if self._trainer is None or not spans_processes(self._trainer.strategy):  # load_from_checkpoint calls it too
+            return
+        from .strategy import configure_sharding
+
+        chosen = configure_sharding(self.trainer.strategy, self.model, self.guard_callback.may_skip)
+        if chosen:
+            rank_zero_info(chosen)
 
     def configure_optimizers(self) -> Any:
         extra = (
@@ -146,92 +175,38 @@ class CompositeModule(pl.LightningModule):
             if isinstance(self.loss_fn, nn.Module)
             else []
         )
-        optimizer = self.optimizer_factory(build_param_groups(self.model, self.param_groups, extra))
-        if self.guard is not None:  # configure_optimizers may run again (a second fit): one set of hooks
-            self.guard.remove()
-        self.guard = None
-        if self.guard_mode != "off":
-            trainer = self._trainer  # None when called outside a Trainer
-            scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
-            # Given the optimizer, the guard reports any trainable parameter it does not hold.
-            self.guard = GradientGuard(self.model, optimizer, scaler=scaler)
-        if self.scheduler_factory is None:
-            return optimizer
-        factory = self.scheduler_factory
-        if isinstance(factory, Mapping):  # a Lightning scheduler dict from YAML: {scheduler: <partial>, interval: step}
-            if not callable(factory.get("scheduler")):
-                raise TypeError(
-                    "scheduler: a mapping needs a 'scheduler' entry that is a partial taking the optimizer "
-                    "(_partial_: true), plus Lightning's keys (interval, frequency, monitor)"
-                )
-            return {"optimizer": optimizer, "lr_scheduler": {**factory, "scheduler": factory["scheduler"](optimizer)}}
-        if not callable(factory):
-            raise TypeError(
-                f"scheduler must be a partial taking the optimizer (_partial_: true) or a Lightning "
-                f"scheduler mapping, got {type(factory).__name__}"
-            )
-        scheduler = factory(optimizer)
-        if isinstance(scheduler, Mapping):
-            return {"optimizer": optimizer, "lr_scheduler": dict(scheduler)}
-        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        optimizer = self.optimizer_factory(check_trainable(build_param_groups(self.model, self.param_groups, extra)))
+        # Given the optimizer, the guard reports any trainable parameter it does not hold; configure_optimizers
+        # may run again (a second fit): one set of hooks.
+        self.guard_callback.attach(self, optimizer, self._trainer)
+        return configure_schedule(optimizer, self.scheduler_factory)
 
-    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        # Automatic and manual optimization both come through here: keep the loss so the guard
-        # can tell a GradScaler overflow (finite loss, inf gradients) from a real NaN.
-        self._last_loss = loss.detach()
-        super().backward(loss, *args, **kwargs)
+    def on_before_backward(self, loss: Tensor) -> None:
+        self.guard_callback.on_before_backward(self._trainer, self, loss)
 
     def on_after_backward(self) -> None:
-        if self.guard is None:
-            return
-        self.report = self.guard.check(raise_error=self.guard_mode == "raise", loss=self._last_loss)
-        if not self.report.ok:
-            key = frozenset((p.parameter, p.cause) for p in self.report.problems)
-            if key not in self._warned:
-                self._warned.add(key)
-                rank_zero_warn(
-                    f"gradient guard (guard='warn', training goes on): {GradientFlowError(self.report.problems)}"
-                )
+        self.guard_callback.on_after_backward(self._trainer, self)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Only on steps Lightning writes: grad_norms() costs a device sync.
-        if not step_is_logged(self.trainer):
-            return
-        logs = {f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
-        if self.report is not None:  # grads now hold every micro-batch of this step
-            logs.update({f"grad_norm/{name}": norm for name, norm in self.report.grad_norms().items()})
-        self.log_dict(logs, on_step=True, on_epoch=False)
+        self.guard_callback.on_before_optimizer_step(self.trainer, self, optimizer)
+        if step_is_logged(self.trainer):  # the learning rates on the steps Lightning writes
+            logs = {f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+            self.log_dict(logs, on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard_callback.on_save_checkpoint(self._trainer, self, checkpoint)
 
     def teardown(self, stage: str) -> None:
-        if stage == "fit" and self.guard is not None:
-            self.guard.remove()  # leave the model without hooks once training is over
+        self.guard_callback.teardown(self._trainer, self, stage)
 
     # ---------------------------------------------------------------- steps
     def _step(self, batch: Any, stage: str, metrics: MetricCollection | None) -> Tensor:
-        x, y = batch
+        x, y = split_batch(batch)
         out = self.model(x)
         loss = self.loss_fn(out, y)
         n = len(y)
-        train = stage == "train"
-        # Step values only when Lightning writes them, and on an epoch's last batch so the progress
-        # bar and callback_metrics end the epoch on its final step.
-        log_step = (
-            train and self._trainer is not None and (step_is_logged(self._trainer) or self._trainer.is_last_batch)
-        )
-        if train and self.gates:
-            balance = [g.load_balancing_loss() for g in self.gates if g.last_gate is not None]
-            if balance:  # logged so a collapsing gate shows
-                mean_balance = sum(balance) / len(balance)
-                self.epoch_means["train_load_balancing"].update(mean_balance, n)
-                if log_step:
-                    self.log("train/load_balancing_step", mean_balance, on_step=True, on_epoch=False, batch_size=n)
-                loss = loss + self.load_balancing * sum(balance)
-        dropped = [g.dropped / max(1, g.last_gate[1].numel()) for g in self.capacity_gates if g.dropped is not None]
-        if dropped:  # a device-side mean: no host read per step
-            self.epoch_means[f"{stage}_dropped"].update(sum(dropped) / len(dropped), n)
+        log_step = stage == "train" and step_is_logged(self._trainer, epoch_end=True)
+        loss = routing_terms(self, loss, stage, n, log_step)
         self.epoch_means[f"{stage}_loss"].update(loss, n)
         if log_step:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)

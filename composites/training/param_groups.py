@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from ..modules import is_under
+
 
 def plain(value: Any) -> Any:
     """Deep-copy mappings and sequences into ``dict``/``list`` (e.g. configs from Hydra).
@@ -22,10 +24,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return [plain(v) for v in value]
     return value
-
-
-def _matches(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
 
 
 def build_param_groups(
@@ -74,7 +72,7 @@ def build_param_groups(
     default: list[nn.Parameter] = []
     matched = [False] * len(specs)
     for p, names in aliases.values():
-        hits = [i for i, spec in enumerate(specs) if any(_matches(n, str(spec["prefix"])) for n in names)]
+        hits = [i for i, spec in enumerate(specs) if any(is_under(n, str(spec["prefix"])) for n in names)]
         for i in hits:
             matched[i] = True
         if p.requires_grad:

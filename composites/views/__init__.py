@@ -2,11 +2,24 @@
 
 import importlib
 
-from .flow import FlowNode, check_gradient_flow, format_flow, gradient_flow
+from ..guard import text_table
+from .flow import check_gradient_flow, gradient_flow
+from .flow_table import format_flow, format_norm, rows
+from .flow_tree import FlowNode, build_tree
 
 _LAZY = {"draw_flow_tree": "tree_plot", "plot_grad_norms": "grad_norm_plot"}
 
-__all__ = ["FlowNode", "check_gradient_flow", "format_flow", "gradient_flow", *_LAZY]
+__all__ = [
+    "FlowNode",
+    "build_tree",
+    "check_gradient_flow",
+    "format_flow",
+    "format_norm",
+    "gradient_flow",
+    "rows",
+    "text_table",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str):

@@ -9,7 +9,8 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.patches import FancyBboxPatch, Patch
 
-from .flow import FlowNode, format_norm
+from .flow_table import format_norm
+from .flow_tree import FlowNode
 
 # status -> (fill, edge, edge width, edge style)
 STYLES: dict[str, tuple[str, str, float, str]] = {
@@ -23,7 +24,7 @@ STYLES: dict[str, tuple[str, str, float, str]] = {
 LEGEND = {
     "ok": "ok",
     "frozen": "frozen",
-    "inactive": "inactive (routed out)",
+    "inactive": "inactive (routed out, may_skip)",
     "problem": "problem (guard's cause)",
     "no params": "no parameters",
     "": "composite / container",

@@ -173,3 +173,80 @@ def test_cut_in_a_training_loop_that_calls_sub_models_itself():
         ("encoder.bias", "detached"),
     }
     assert report.problems[0].where.startswith("between 'encoder' and 'head', in the code that calls them")
+
+
+class MaskToken(nn.Module):
+    """A mask embedding read only when a mask is passed (BERT/wav2vec-style pretraining tokens)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = linear(3, 3)
+        self.mask_emb = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x, mask=None):
+        return self.lin(x if mask is None else torch.where(mask[:, None], self.mask_emb, x))
+
+
+def test_a_parameter_the_forward_never_reads_is_unused_not_detached():
+    assert problems_of(MaskToken()) == {
+        "mask_emb": ("", "unused", "MaskToken.forward ran but never read it in this forward")
+    }
+
+
+def test_a_weight_its_parent_reads_functionally_is_used_and_cut_with_the_rest():
+    class Attention(nn.Module):  # nn.MultiheadAttention reads out_proj.weight without calling out_proj
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(4, 2), linear(4, 1)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0].detach())
+
+    where = "inside Attention.forward, after 'attn', before 'head'"
+    found = problems_of(Attention(), x=torch.ones(3, 2, 4))
+    assert found == {
+        "attn.in_proj_weight": ("attn", "detached", where),
+        "attn.in_proj_bias": ("attn", "detached", where),
+        "attn.out_proj.weight": ("attn.out_proj", "detached", where),
+        "attn.out_proj.bias": ("attn.out_proj", "detached", where),
+    }
+
+
+class Pooled(nn.Module):
+    """Returns every hidden state and a pooled summary, as BERT does; the loss uses only one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.pooler = linear(3, 3), linear(3, 3)
+
+    def forward(self, x):
+        hidden = self.encoder(x)
+        return {"last_hidden_state": hidden, "pooler_output": self.pooler(hidden)}
+
+
+def test_an_output_left_out_of_the_loss_is_not_in_loss_with_its_own_fix():
+    model = Pooled()
+    guard = GradientGuard(model)
+    model(X)["last_hidden_state"].sum().backward()
+    with pytest.raises(GradientFlowError) as caught:
+        guard.check()
+    where = "the model (Pooled) returned an output that depends on it, but the loss does not"
+    assert {p.parameter: (p.module, p.cause, p.where) for p in caught.value.problems} == {
+        "pooler.weight": ("pooler", "not_in_loss", where),
+        "pooler.bias": ("pooler", "not_in_loss", where),
+    }
+    assert "fix not_in_loss: Use that output in the loss" in str(caught.value)
+    assert "not_in_loss" in CAUSES and ".detach()" not in caught.value.problems[0].hint
+
+
+def test_an_auxiliary_head_the_loop_calls_but_leaves_out_of_the_loss_is_not_in_loss():
+    model = Sequential({"encoder": linear(3, 3), "head": linear(3, 2), "aux": linear(3, 2)})
+    guard = GradientGuard(model)
+    features = model.encoder(X)
+    logits, aux_logits = model.head(features), model.aux(features)  # noqa: F841 - aux_logits left out
+    logits.sum().backward()
+    report = guard.check(raise_error=False)
+    assert {(p.parameter, p.cause, p.where) for p in report.problems} == {
+        (name, "not_in_loss", "'aux' returned an output that depends on it, but the loss does not")
+        for name in ("aux.weight", "aux.bias")
+    }

@@ -54,7 +54,8 @@ def test_sparse_embedding_gradients_are_checked_normed_and_named_when_not_finite
     assert report.grad_norms()["0"] == pytest.approx(math.sqrt(3 * 0.2**2 + 3 * 0.1**2), rel=1e-6)
     model(torch.tensor([3])).sum().backward()
     embedding.weight.grad = torch.sparse_coo_tensor([[3]], [[float("nan"), 0.0, 0.0]], (5, 3), check_invariants=True)
-    assert causes(guard) == {"0.weight": ("non_finite", "")}
+    where = "step 2: the forward is finite; first non-finite gradient in backward order: '0.weight'"
+    assert causes(guard) == {"0.weight": ("non_finite", where)}
 
 
 def test_a_lazy_module_is_guarded_from_the_backward_after_it_materialized():

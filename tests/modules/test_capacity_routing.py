@@ -5,19 +5,12 @@ import torch
 from torch import nn
 
 from composites import Conditional, GradientGuard
-from tests.stand_ins import linear, with_grad
-
-
-def identity_gate(n):
-    gate = nn.Linear(n, n, bias=False)
-    with torch.no_grad():
-        gate.weight.copy_(torch.eye(n))
-    return gate
+from tests.stand_ins import identity_linear, linear, record_inputs, seeded_batches, with_grad
 
 
 def experts(n=3, capacity_factor=None, top_k=1):
     branches = {name: linear(n, 2, w=float(i + 1), b=float(i)) for i, name in enumerate("abcd"[:n])}
-    return Conditional(branches, router=identity_gate(n), top_k=top_k, capacity_factor=capacity_factor)
+    return Conditional(branches, router=identity_linear(n, bias=False), top_k=top_k, capacity_factor=capacity_factor)
 
 
 X = torch.tensor([[3.0, 2.0, 0.0], [0.0, 3.0, 2.0], [0.0, 0.0, 2.0], [2.0, 3.0, 0.0], [4.0, 0.0, 1.0]])
@@ -49,11 +42,7 @@ def test_pairs_past_capacity_are_dropped_earliest_samples_first():
 
 def test_each_branch_runs_once_on_its_slots_padded_with_zeros():
     model = experts(capacity_factor=1.2)  # ceil(1.2 * 5 / 3) = 2 rows per branch
-    seen = {}
-    for name in model.branch_names:
-        model.get_submodule(name).register_forward_hook(
-            lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0])
-        )
+    seen = record_inputs(model)
     model(X)
     assert {name: len(calls) for name, calls in seen.items()} == {"a": 1, "b": 1, "c": 1}
     assert torch.equal(seen["a"][0], X[[0, 4]])
@@ -61,22 +50,18 @@ def test_each_branch_runs_once_on_its_slots_padded_with_zeros():
     assert torch.equal(seen["c"][0], torch.stack([X[2], torch.zeros(3)]))
 
 
-def test_whole_forward_traces_into_one_graph_with_no_host_read():
+def test_whole_forward_traces_into_one_graph_with_no_host_read(dynamo_counters):
     # fullgraph=True raises at any graph break: a .tolist()/.item() or a data-sized tensor
     # would be one. The same graph serves every batch of the same size.
-    torch._dynamo.reset()
-    counters = torch._dynamo.utils.counters
-    counters.clear()
     model = Conditional({f"e{i}": nn.Linear(4, 4) for i in range(4)}, router=nn.Linear(4, 4), capacity_factor=1.25)
 
     def with_aux(x):  # the load-balancing loss too: no bincount, no host read
         return model(x), model.load_balancing_loss()
 
     compiled = torch.compile(with_aux, fullgraph=True, backend="eager")
-    for seed in range(3):
-        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(seed))
+    for x in seeded_batches(3, 16, 4):
         torch.testing.assert_close(compiled(x), with_aux(x))
-    assert counters["stats"]["unique_graphs"] == 1
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
 
 
 def test_guard_passes_and_the_gate_learns():
@@ -97,8 +82,7 @@ def test_capacity_factor_is_validated_and_shown():
     assert "capacity_factor=1.25" in repr(experts(capacity_factor=1.25))
 
 
-def test_image_inputs_and_an_empty_batch():
-    torch.manual_seed(0)
+def test_image_inputs_and_an_empty_batch_match_the_host_sized_dispatch(seeded):
     convs = {name: nn.Conv2d(1, 2, 3, padding=1) for name in "ab"}
     gate = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
     sized = Conditional(convs, router=gate)

@@ -7,23 +7,8 @@ import torch
 from torch import nn
 
 from composites import Conditional
-from tests.stand_ins import linear, with_grad
-
-
-def identity_gate(n):
-    """A gate whose scores are the input itself, so each test picks the routing by hand."""
-    gate = nn.Linear(n, n, bias=False)
-    with torch.no_grad():
-        gate.weight.copy_(torch.eye(n))
-    return gate
-
-
-def record_inputs(model):
-    """branch name -> list of the inputs of each call of that branch."""
-    calls = {name: [] for name in model.branch_names}
-    for name in model.branch_names:
-        model.get_submodule(name).register_forward_hook(lambda m, args, out, name=name: calls[name].append(args[0]))
-    return calls
+from composites.modules.routing import load_balancing_loss
+from tests.stand_ins import identity_linear, linear, record_inputs, with_grad
 
 
 def two_experts(router, top_k=1):
@@ -75,7 +60,7 @@ def test_batch_routing_grads_only_for_the_chosen_branch():
 
 
 def test_gate_is_child_router_and_per_sample_output_is_exact():
-    model = two_experts(identity_gate(2))
+    model = two_experts(identity_linear(2, bias=False))
     assert dict(model.named_children())["router"] is model.router
     x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [-1.0, 0.0]])  # -> a, b, a, b
     p = x.softmax(-1)
@@ -85,7 +70,7 @@ def test_gate_is_child_router_and_per_sample_output_is_exact():
 
 
 def test_each_branch_runs_once_on_its_own_samples():
-    model = two_experts(identity_gate(2))
+    model = two_experts(identity_linear(2, bias=False))
     calls = record_inputs(model)
     x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [-1.0, 0.0]])
     model(x)
@@ -95,7 +80,7 @@ def test_each_branch_runs_once_on_its_own_samples():
 
 def test_top_k_2_weights_both_branches_and_counts_calls():
     branches = {"a": linear(3, 2, w=1.0), "b": linear(3, 2, w=2.0), "c": linear(3, 2, w=0.0, b=5.0)}
-    model = Conditional(branches, router=identity_gate(3), top_k=2)
+    model = Conditional(branches, router=identity_linear(3, bias=False), top_k=2)
     calls = record_inputs(model)
     x = torch.tensor([[3.0, 2.0, 0.0], [0.0, 3.0, 2.0], [3.0, 0.0, 2.0], [2.0, 3.0, 0.0]])
     out = model(x)
@@ -114,7 +99,7 @@ def test_top_k_2_weights_both_branches_and_counts_calls():
 
 def test_branch_without_samples_is_inactive_and_gets_no_grad():
     branches = {"a": nn.Linear(3, 2), "b": nn.Linear(3, 2), "c": nn.Linear(3, 2)}
-    model = Conditional(branches, router=identity_gate(3))
+    model = Conditional(branches, router=identity_linear(3, bias=False))
     calls = record_inputs(model)
     x = torch.tensor([[3.0, 2.0, 0.0], [0.0, 3.0, 2.0], [3.0, 0.0, 2.0]])  # -> a, b, a
     model(x).sum().backward()
@@ -123,8 +108,8 @@ def test_branch_without_samples_is_inactive_and_gets_no_grad():
     assert with_grad(model) == {"router.weight", "a.weight", "a.bias", "b.weight", "b.bias"}
 
 
-def test_gate_gradient_value():
-    model = two_experts(identity_gate(2))
+def test_gate_gradient_is_exact():
+    model = two_experts(identity_linear(2, bias=False))
     x = torch.tensor([[1.0, 0.0]])  # -> a; out = s * p_a with s = 1, p_a = sigmoid(1)
     model(x).sum().backward()
     # d(3 * sigmoid(x0 - x1))/dW, scores = W x: only column 0 of x is non-zero
@@ -133,7 +118,7 @@ def test_gate_gradient_value():
 
 
 def test_load_balancing_loss_exact():
-    model = two_experts(identity_gate(2))
+    model = two_experts(identity_linear(2, bias=False))
     model(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # balanced: half the samples each, mean prob 0.5
     torch.testing.assert_close(model.load_balancing_loss(), torch.tensor(1.0))
     model(torch.tensor([[2.0, 0.0], [1.0, 0.0]]))  # collapsed on "a": 2 * mean p_a
@@ -142,6 +127,12 @@ def test_load_balancing_loss_exact():
     torch.testing.assert_close(aux, torch.tensor(sigmoid(2.0) + sigmoid(1.0)))
     aux.backward()
     assert with_grad(model) == {"router.weight"}
+
+
+def test_load_balancing_loss_of_an_empty_batch_is_zero_and_keeps_the_graph():
+    probs = torch.zeros(0, 3, requires_grad=True)
+    loss = load_balancing_loss(probs, torch.zeros(0, 1, dtype=torch.long))
+    assert loss.item() == 0.0 and loss.requires_grad
 
 
 def test_subclass_route_returning_a_name():
@@ -178,14 +169,36 @@ def test_wrong_router_output_is_a_clear_error(scores, got):
         model(torch.zeros(4, 2))
 
 
+def test_per_sample_routing_of_a_non_tensor_input_is_a_clear_error():
+    model = Conditional({"a": nn.Identity(), "b": nn.Identity()}, router=lambda x: torch.zeros(2, 2))
+    with pytest.raises(
+        TypeError, match=r"per-sample routing needs x to be a batched tensor \(batch, \.\.\.\), got dict"
+    ):
+        model({"x": torch.ones(2, 2)})
+
+
 def test_bad_construction_is_refused():
     with pytest.raises(ValueError, match=r"top_k=3 must be between 1 and the number of branches \(2\)"):
-        two_experts(identity_gate(2), top_k=3)
+        two_experts(identity_linear(2, bias=False), top_k=3)
     with pytest.raises(TypeError, match="router must be callable"):
         two_experts("a")
     for name in ("router", "top_k", "forward"):
         with pytest.raises(ValueError, match=f"branch name '{name}' cannot be used"):
             Conditional({name: nn.Identity(), "b": nn.Identity()}, router=lambda x: "b")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"top_k": 1.0}, r"top_k=1.0 must be between 1 and the number of branches \(2\)"),
+        ({"top_k": True}, r"top_k=True must be between"),
+        ({"capacity_factor": float("inf")}, r"capacity_factor=inf must be a positive finite number \(2 never drops\)"),
+        ({"capacity_factor": float("nan")}, r"capacity_factor=nan must be a positive finite number"),
+    ],
+)
+def test_bad_top_k_and_capacity_are_refused_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Conditional({"a": nn.Identity(), "b": nn.Identity()}, router=nn.Linear(2, 2), **kwargs)
 
 
 def test_empty_batch_with_a_gate_gives_an_empty_output_and_runs_nothing():

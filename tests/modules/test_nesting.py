@@ -1,4 +1,4 @@
-"""Composites as plain nn.Modules: nesting, state_dict, dtype, repr, deepcopy, slicing, compile."""
+"""Composites as plain nn.Modules: nesting, torch containers, state_dict, dtype, repr, deepcopy, slicing, compile."""
 
 import copy
 
@@ -7,15 +7,7 @@ import torch
 from torch import nn
 
 from composites import Conditional, Parallel, Sequential
-from tests.stand_ins import with_grad
-
-
-def eye_linear(n):
-    m = nn.Linear(n, n)
-    with torch.no_grad():
-        m.weight.copy_(torch.eye(n))
-        m.bias.zero_()
-    return m
+from tests.stand_ins import identity_linear, with_grad
 
 
 def sequential():
@@ -32,9 +24,9 @@ def conditional():
 
 def nested():
     """Sequential[encoder, Parallel[Conditional[a, b, c], skip], head]."""
-    moe = Conditional({"a": nn.Linear(3, 2), "b": nn.Linear(3, 2), "c": nn.Linear(3, 2)}, router=eye_linear(3))
+    moe = Conditional({"a": nn.Linear(3, 2), "b": nn.Linear(3, 2), "c": nn.Linear(3, 2)}, router=identity_linear(3))
     mix = Parallel({"moe": moe, "skip": nn.Linear(3, 2)}, combine="concat")
-    return Sequential({"encoder": eye_linear(3), "mix": mix, "head": nn.Linear(4, 1)})
+    return Sequential({"encoder": identity_linear(3), "mix": mix, "head": nn.Linear(4, 1)})
 
 
 BUILDERS = {"sequential": sequential, "parallel": parallel, "conditional": conditional, "nested": nested}
@@ -68,8 +60,17 @@ def test_nested_parameter_names_and_exact_gradient_set():
     assert with_grad(model) == set(names) - {"mix.moe.c.weight", "mix.moe.c.bias"}
 
 
+def test_torch_containers_are_accepted_as_stages_and_branches():
+    seq = Sequential(nn.ModuleList([nn.Linear(2, 3), nn.Linear(3, 1)]))
+    assert [n for n, _ in seq.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    par = Parallel(nn.ModuleDict({"a": nn.Identity(), "b": nn.Identity()}))
+    assert par.branch_names == ("a", "b") and par(torch.ones(1, 2)).shape == (1, 4)
+    named = Conditional(nn.Sequential(nn.Identity(), nn.Identity()), router=lambda x: "1")
+    assert named.branch_names == ("0", "1")
+
+
 @pytest.mark.parametrize("kind", BUILDERS)
-def test_state_dict_round_trip(kind):
+def test_state_dict_round_trip_restores_the_outputs(kind):
     model, fresh = build(kind, seed=0), build(kind, seed=1)
     assert not torch.equal(model(X), fresh(X))  # different weights, or the test proves nothing
     fresh.load_state_dict(model.state_dict())
@@ -78,7 +79,7 @@ def test_state_dict_round_trip(kind):
 
 
 @pytest.mark.parametrize("kind", BUILDERS)
-def test_to_float64(kind):
+def test_to_float64_converts_every_parameter_and_keeps_the_outputs(kind):
     model = build(kind)
     expected = model(X).double()
     model.to(torch.float64)
@@ -140,8 +141,7 @@ def test_slicing_and_indexing_a_parameter_keeps_its_gradient(wrap):
     assert with_grad(model) == {"sliced.weight"}
 
 
-def test_sequential_and_parallel_compile_without_graph_breaks():
-    torch.manual_seed(0)
+def test_sequential_and_parallel_compile_without_graph_breaks(seeded):
     x = torch.randn(5, 3)
     for model in (sequential(), Parallel({"left": nn.Linear(3, 2), "right": nn.Linear(3, 4)})):
         explanation = torch._dynamo.explain(model)(x)
@@ -150,8 +150,7 @@ def test_sequential_and_parallel_compile_without_graph_breaks():
 
 
 @pytest.mark.slow
-def test_compiled_sequential_and_parallel_match_eager():
-    torch.manual_seed(0)
+def test_compiled_sequential_and_parallel_match_eager(seeded):
     x = torch.randn(5, 3)
     for model in (sequential(), parallel()):
         torch.testing.assert_close(torch.compile(model)(x), model(x))

@@ -72,7 +72,7 @@ def test_module_combiner_is_registered_and_trains():
     assert torch.equal(model.combiner.alpha.grad, torch.tensor([A.sum().item(), B.sum().item()]))
 
 
-def test_callable_combiner():
+def test_a_callable_combiner_combines_and_shows_in_the_repr():
     def difference(outputs):
         return outputs["a"] - outputs["b"]
 

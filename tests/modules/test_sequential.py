@@ -44,7 +44,7 @@ def test_sequence_stages_are_named_by_position():
     assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
-def test_exact_output():
+def test_output_is_exact_through_two_stages():
     model = Sequential({"encoder": linear(2, 3, w=1.0, b=0.5), "head": linear(3, 1, w=2.0, b=-1.0)})
     x = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
     # encoder: 1+2+0.5 = 3.5 and 0-1+0.5 = -0.5 in every unit; head: 2 * 3 * h - 1
@@ -121,7 +121,7 @@ def test_exactly_trainable_parameters_get_gradients():
     assert with_grad(model) == {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}
 
 
-def test_gradient_values_through_stages():
+def test_gradient_values_through_stages_are_exact():
     model = Sequential({"encoder": linear(2, 1, w=3.0), "head": linear(1, 1, w=2.0)})
     model(torch.tensor([[1.0, 4.0]])).sum().backward()
     # d(2 * (3 * (x1 + x2)))/d(encoder.weight) = 2 * x

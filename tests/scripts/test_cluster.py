@@ -1,4 +1,4 @@
-"""Scale-out presets: DDP on CPU through gloo with a Conditional, FSDP refused, SLURM configs."""
+"""Scale-out presets: DDP on CPU through gloo with a Conditional, FSDP1 pointed to FSDP2, SLURM configs."""
 
 import os
 import subprocess
@@ -15,13 +15,11 @@ from composites_hydra.build import CONFIG_DIR
 from tests.scripts.train_helpers import ROOT, compose_train
 
 
-def test_ddp_without_routing_is_left_alone_and_fsdp_with_the_guard_is_refused():
+def test_ddp_without_routing_is_left_alone_and_fsdp1_with_the_guard_points_to_fsdp2():
     plain = DDPStrategy()
     assert prepare_strategy(plain, Sequential({"a": nn.Linear(2, 2)}), guard_on=True) is None
     assert "find_unused_parameters" not in plain._ddp_kwargs
-    with pytest.raises(
-        RuntimeError, match="does not support FSDP yet.*trainer=ddp, or turn the guard off with guard=off"
-    ):
+    with pytest.raises(RuntimeError, match=r"FSDP1 \(FSDPStrategy\) flattens.*use trainer=fsdp.*guard=off"):
         prepare_strategy(FSDPStrategy(), Sequential({"a": nn.Linear(2, 2)}), guard_on=True)
     assert prepare_strategy(FSDPStrategy(), Sequential({"a": nn.Linear(2, 2)}), guard_on=False) is None
     routed = Sequential({"moe": Conditional({"a": nn.Identity(), "b": nn.Identity()}, router=None)})
@@ -53,6 +51,13 @@ def test_slurm_launcher_config_composes_with_the_submitit_plugin(tmp_path):
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.max_num_timeout, launcher.signal_delay_s) == (3, 120)
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cpu = compose(
+            "train",
+            overrides=[f"paths.output_dir={tmp_path}", "+composite=parallel", "hydra/launcher=slurm_cpu"],
+            return_hydra_config=True,
+        ).hydra.launcher
+    assert (cpu.gpus_per_node, cpu.cpus_per_task, cpu.mem_gb, cpu.max_num_timeout) == (0, 1, 2, 3)  # slurm.yaml's rest
 
 
 def test_auto_resume_picks_what_the_run_directory_holds(tmp_path):

@@ -1,4 +1,4 @@
-"""Timing for scripts/bench.py: interleaved rounds in one process, reported as paired ratios.
+"""Timing for the benchmarks: interleaved rounds in one process, reported as paired ratios.
 
 Absolute times on a shared 2-core machine drift by tens of percent between runs, but two
 cases timed back to back within a round see the same machine state. So every case runs
@@ -13,18 +13,30 @@ import gc
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 # CPU time of this process, not wall time: the machine is shared (2 cores, other jobs), and
 # with torch.set_num_threads(1) every op runs on the calling thread, so CPU time is the
-# step's cost without the time spent descheduled. ``use_wall_clock()`` switches back.
+# step's cost without the time spent descheduled. ``wall_clock()`` switches to wall time.
 clock: Callable[[], float] = time.process_time
 
 
-def use_wall_clock() -> None:
+def now() -> float:
+    """Seconds on the clock the benchmarks use now (process CPU time unless inside ``wall_clock()``)."""
+    return clock()
+
+
+@contextmanager
+def wall_clock() -> Iterator[None]:
+    """Time with the wall clock inside this block: GPU work, or a whole run (``--wall-clock``)."""
     global clock
-    clock = time.perf_counter
+    saved, clock = clock, time.perf_counter
+    try:
+        yield
+    finally:
+        clock = saved
 
 
 @dataclass

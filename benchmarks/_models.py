@@ -1,4 +1,4 @@
-"""Models for scripts/bench.py: each composite next to the nn.Module a user would write by hand.
+"""Models for the benchmarks: each composite next to the nn.Module a user would write by hand.
 
 Both sides of a pair hold deep copies of the same sub-modules, so they do the same
 arithmetic and differ only in the glue between sub-models.

@@ -1,4 +1,4 @@
-"""Section 6 of scripts/bench.py, CUDA only: Parallel on streams vs serial, routing on the GPU.
+"""Section gpu, CUDA only: Parallel on streams vs serial, routing on the GPU.
 
 GPU work is asynchronous, so every timed call ends with ``torch.cuda.synchronize()`` and the
 clock is the wall clock (process CPU time does not see the GPU). Both sides of a ratio pay
@@ -8,15 +8,12 @@ the same synchronisation. Without a CUDA device the section reports one row sayi
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 
-import bench_timing
 import torch
-from bench_models import moe_models
-from bench_timing import Row, Settings, compared, interleave
 from torch import Tensor, nn
 
+from benchmarks import Row, Settings, compared, interleave, moe_models, wall_clock
 from composites import Parallel
 
 # (branches, width, depth, batch): small branches leave most of the GPU idle, large fill it
@@ -53,16 +50,14 @@ def _sync_count(fn: Callable[[], object]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def gpu_section(s: Settings) -> list[Row]:
+def run(s: Settings) -> list[Row]:
+    """Streams against serial and GPU routing against dense; one "skipped" row without CUDA."""
     if not torch.cuda.is_available():
         return [
             Row("gpu", "skipped: no CUDA device", float("nan"), note="run on a GPU machine for streams and GPU routing")
         ]
-    saved_clock, bench_timing.clock = bench_timing.clock, time.perf_counter
-    try:
+    with wall_clock():
         return _streams(s) + _routing(s)
-    finally:
-        bench_timing.clock = saved_clock
 
 
 def _streams(s: Settings) -> list[Row]:

@@ -1,4 +1,4 @@
-"""Section 5 of scripts/bench.py: torch.compile of each composite.
+"""Section compile: torch.compile of each composite.
 
 For each composite: graph breaks and graphs from ``torch._dynamo.explain``, recompiles over
 fresh batches (counted with the "eager" backend: same Dynamo, no codegen), and the speed of
@@ -13,10 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_models import parallel_pair, sequential_pair
-from bench_timing import Row, Settings, compared, interleave
 from torch import Tensor, nn
 
+from benchmarks import Row, Settings, compared, interleave, parallel_pair, sequential_pair
 from composites import Conditional
 
 D = 32
@@ -37,7 +36,7 @@ def by_data(x: Tensor) -> str:
 
 
 # name -> what to expect; the host-sized per-sample dispatch is left out of the trace on
-# purpose (composites/routing.py): its chunk sizes are data, and traced they recompiled every
+# purpose (composites/modules/routing.py): its chunk sizes are data, and traced they recompiled every
 # batch. The capacity dispatch has static shapes and traces whole.
 EXPECT = {
     "Sequential": "",
@@ -99,7 +98,8 @@ def _fwd_bwd(model: nn.Module, x: Tensor, kwargs: dict[str, Any]) -> Callable[[]
     return step
 
 
-def compile_section(s: Settings) -> list[Row]:
+def run(s: Settings) -> list[Row]:
+    """Graph breaks, recompiles over fresh batches and (not with --quick) compiled/eager speed."""
     warnings.filterwarnings("ignore", ".*TensorFloat32.*")
     rows = []
     for name, (model, kwargs, make) in composites_to_compile().items():

@@ -1,23 +1,12 @@
-"""Does composites cost anything over hand-written PyTorch? Measured side by side, as ratios.
+"""``python -m benchmarks``: run the sections, print one table, write the results as JSON.
 
-Every comparison runs both sides in this one process, interleaved round by round, on CPU
-with one thread, and reports the median of the per-round ratios (with its interquartile
-range, the noise). Absolute times are printed for orientation only. This is a script, never
-a test: timings do not belong in a pass/fail suite.
-
-    python scripts/bench.py                  # everything, ~ a few minutes
-    python scripts/bench.py --quick          # smoke run: every section, few rounds
-    python scripts/bench.py --only guard --out guard.json
-
-Sections: composites (composite vs hand-written train step), guard (per-step check),
-routing (per-sample top-1 vs dense and loop), lightning (one digits epoch vs a raw loop),
-compile (torch.compile graph breaks and compiled/eager speed), gpu (CUDA only: Parallel on
-streams vs serial, routing on the GPU with its host syncs counted).
+See ``benchmarks/__init__.py`` for what is measured and how a section registers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,32 +14,11 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench_* helpers sit beside this file
+import torch
 
-import bench_timing  # noqa: E402
-import torch  # noqa: E402
-from bench_timing import Row, Settings  # noqa: E402
-
-
-def _section(module: str, function: str) -> Callable[[Settings], list[Row]]:
-    """Imported only when run, so ``--only routing`` never pays for importing Lightning."""
-
-    def run(settings: Settings) -> list[Row]:
-        return getattr(__import__(module), function)(settings)
-
-    return run
-
-
-SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
-    "composites": _section("bench_steps", "composites_vs_hand"),
-    "guard": _section("bench_steps", "guard_overhead"),
-    "routing": _section("bench_steps", "routing"),
-    "lightning": _section("bench_lightning", "lightning_epoch"),
-    "compile": _section("bench_compile", "compile_section"),
-    "gpu": _section("bench_gpu", "gpu_section"),
-}
+import benchmarks
+from benchmarks import Row, Settings, load_section, section_names, wall_clock
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -77,25 +45,37 @@ def _json_safe(value: float) -> float | None:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def _checked(section: str, rows: list[Row]) -> list[Row]:
+    """The rows of one section, each naming it: the JSON groups rows by that name."""
+    wrong = sorted({r.section for r in rows} - {section})
+    if wrong:
+        raise ValueError(f"benchmarks/{section}.py returned rows of section(s) {wrong}: a Row names its own section")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = section_names()
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=benchmarks.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="few rounds, smaller models: a smoke run")
-    parser.add_argument("--only", choices=list(SECTIONS), action="append", help="run only this section (repeatable)")
+    parser.add_argument("--only", choices=names, action="append", help="run only this section (repeatable)")
     parser.add_argument("--out", default="bench.json", help="where to write the JSON results")
     parser.add_argument("--wall-clock", action="store_true", help="time with wall clock instead of process CPU time")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # comparable across machines; the ratios are about overhead, not parallelism
-    if args.wall_clock:
-        bench_timing.use_wall_clock()
     settings = Settings.make(args.quick)
     rows: list[Row] = []
     seconds: dict[str, float] = {}
-    for name in args.only or list(SECTIONS):
-        start = time.perf_counter()
-        rows += SECTIONS[name](settings)
-        seconds[name] = round(time.perf_counter() - start, 2)
-        print(f"[{name}: {seconds[name]:.1f} s]", file=sys.stderr)
+    with wall_clock() if args.wall_clock else contextlib.nullcontext():
+        for name in args.only or names:
+            start = time.perf_counter()
+            rows += _checked(name, load_section(name)(settings))
+            seconds[name] = round(time.perf_counter() - start, 2)
+            print(f"[{name}: {seconds[name]:.1f} s]", file=sys.stderr)
     print_table(rows)
 
     result = {

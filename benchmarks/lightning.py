@@ -1,4 +1,4 @@
-"""Section 4 of scripts/bench.py: one digits epoch through Lightning + CompositeModule vs a raw loop.
+"""Section lightning: one digits epoch through Lightning + CompositeModule vs a raw loop.
 
 The model, data and optimizer are those of ``train.py +composite=sequential`` (conv encoder,
 linear head, batch 64, Adam, accuracy). Every run starts from a copy of the same initial
@@ -14,15 +14,14 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 
-import bench_timing
 import pytorch_lightning as pl
 import torch
-from bench_timing import Row, Settings, Timings, compared
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from benchmarks import Row, Settings, Timings, compared, now
 from composites import CompositeModule, Sequential
 from composites.presets.data import DigitsDataModule
 from composites.presets.models import MLP, ConvEncoder
@@ -41,10 +40,10 @@ class _EpochClock(pl.Callback):
         self.seconds = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._start = bench_timing.clock()
+        self._start = now()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.seconds = bench_timing.clock() - self._start
+        self.seconds = now() - self._start
 
 
 def _lightning(initial: nn.Module, loader: DataLoader, batches: int, **module_kwargs) -> Callable[[], float]:
@@ -81,7 +80,7 @@ def _raw(initial: nn.Module, loader: DataLoader, batches: int, metrics: bool) ->
         loss_fn, total = nn.CrossEntropyLoss(), torch.zeros(())
         acc.reset()
         model.train()
-        start = bench_timing.clock()  # the epoch only, as the Lightning side's callback sees it
+        start = now()  # the epoch only, as the Lightning side's callback sees it
         for i, (x, y) in enumerate(loader):
             if i == batches:
                 break
@@ -95,12 +94,13 @@ def _raw(initial: nn.Module, loader: DataLoader, batches: int, metrics: bool) ->
                 total += loss.detach()
         if metrics:
             acc.compute()
-        return bench_timing.clock() - start
+        return now() - start
 
     return run
 
 
-def lightning_epoch(s: Settings) -> list[Row]:
+def run(s: Settings) -> list[Row]:
+    """One epoch (and one whole fit()) through CompositeModule + Trainer against the raw loop."""
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)  # no "GPU available: False" banners
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -142,9 +142,9 @@ def lightning_epoch(s: Settings) -> list[Row]:
             order = order[1:] + order[:1]  # rotate so no case always runs first
             for name in order:
                 gc.collect()
-                start = bench_timing.clock()
+                start = now()
                 inner = cases[name]()
-                times[name].append(bench_timing.clock() - start)
+                times[name].append(now() - start)
                 times[f"{name} epoch"].append(inner)
     finally:
         gc.unfreeze()

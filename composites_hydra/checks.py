@@ -1,0 +1,144 @@
+"""Mistakes in a composed config caught before training starts, each named by its key with the fix.
+
+Errors (``ConfigError``) for what cannot run or would fail late (after a full epoch, or deep in
+torch); warnings for what runs but does nothing useful. Lightning's, torch's and Hydra's own
+clear messages are left as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def _error(message: str) -> Exception:
+    from .build import ConfigError
+
+    return ConfigError(message)
+
+
+def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+    """Checks on the composed config alone; ``overrides`` are the command line's (``key=value``).
+
+    >>> check_config(OmegaConf.create({"trainer": {"accumulate_grad_batches": 0}, "scheduler": None}))
+    Traceback (most recent call last):
+    ...
+    composites_hydra.build.ConfigError: trainer.accumulate_grad_batches=0: it must be a positive integer (1: no accumulation)
+    """
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
+    if isinstance(accumulate, int) and accumulate < 1:
+        raise _error(
+            f"trainer.accumulate_grad_batches={accumulate}: it must be a positive integer (1: no accumulation)"
+        )
+    scheduler = OmegaConf.select(cfg, "scheduler")
+    if isinstance(scheduler, str):
+        raise _error(
+            f"scheduler={scheduler}: a scheduler is a config node with a _target_, not a name, e.g. "
+            f"scheduler='{{_target_: torch.optim.lr_scheduler.{scheduler}, _partial_: true, T_max: 10}}'"
+        )
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    if isinstance(lr, (int, float)) and lr == 0:
+        warnings.warn("optimizer.lr=0: the optimizer will not change any weight", stacklevel=2)
+    trainer = OmegaConf.select(cfg, "trainer") or {}
+    devices, cores = trainer.get("devices"), os.cpu_count() or 1
+    if "ddp" in str(trainer.get("strategy", "")) and trainer.get("accelerator") == "cpu":
+        if isinstance(devices, int) and devices > cores:
+            warnings.warn(
+                f"trainer.devices={devices} CPU processes on {cores} cores: they share the cores and run slower than "
+                f"{cores}; use trainer.devices<={cores}",
+                stacklevel=2,
+            )
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if value.strip() == "{}" and not key.startswith(("+", "~")):
+            node = OmegaConf.select(cfg, key, default=None)
+            if isinstance(node, DictConfig) and len(node):
+                warnings.warn(
+                    f"{key}={{}} has no effect: a mapping given on the command line merges into the one there "
+                    f"({', '.join(map(str, node))}); drop one entry with ~{key}.<name>",
+                    stacklevel=2,
+                )
+
+
+def function_target_error(error: Exception) -> Exception | None:
+    """A clear error when Hydra called a function where a module class was wanted (``_target_: torch.nn.functional.relu``)."""
+    text = str(error)
+    target = re.search(r"Error in call to target '([^']+)'", text)
+    key = re.search(r"full_key: (\S+)", text)
+    if not target or "required positional argument" not in text:
+        return None
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target.group(1))
+    except Exception:
+        return None
+    if isinstance(obj, type):
+        return None
+    where = key.group(1) if key else "a model node"
+    return _error(
+        f"{where}._target_={target.group(1)} is a function, not a module class: a stage or branch must be an "
+        "nn.Module. Use a module class (torch.nn.ReLU for torch.nn.functional.relu) or wrap the function in one"
+    )
+
+
+def logged_names(module: Any) -> set[str] | None:
+    """The metric names a ``CompositeModule`` logs per epoch (what ``monitor`` can name); ``None`` for another module."""
+    stages = {"train": "train_metrics", "val": "val_metrics", "test": "test_metrics"}
+    if not all(hasattr(module, a) for a in stages.values()) or not hasattr(module, "epoch_means"):
+        return None
+    names = set()
+    for attribute in stages.values():
+        metrics = getattr(module, attribute)
+        if metrics is not None:
+            names |= set(metrics.keys())
+    for key in module.epoch_means:
+        stage, _, name = key.partition("_")
+        names |= {f"train/{name}_epoch", f"train/{name}"} if stage == "train" else {f"{stage}/{name}"}
+    return names
+
+
+def check_built(cfg: DictConfig, module: Any) -> None:
+    """Checks that need the built module: the monitored metric exists, metrics fit the model's output width."""
+    names = logged_names(module)
+    monitor = cfg.monitor
+    if names is not None and monitor not in names and not monitor.startswith(("lr/", "grad_norm/")):
+        raise _error(
+            f"monitor={monitor}: the module logs no such metric (it logs {', '.join(sorted(names))}); set monitor= "
+            "one of them, or add the metric under module.metrics.metrics"
+        )
+    width = _output_width(getattr(module, "model", None))
+    for name, metric in _metrics(module):
+        classes = getattr(metric, "num_classes", None)
+        if width is not None and isinstance(classes, int) and classes != width:
+            raise _error(
+                f"module.metrics: {name} has num_classes={classes} but the model's last layer gives {width} "
+                f"outputs; set num_classes: {width} (or the head's out_features to {classes})"
+            )
+    if getattr(module, "load_balancing", 0) and not getattr(module, "gates", True):
+        warnings.warn(
+            f"module.load_balancing={module.load_balancing} has no effect: the model has no Conditional", stacklevel=2
+        )
+
+
+def _metrics(module: Any) -> list[tuple[str, Any]]:
+    metrics = getattr(module, "val_metrics", None)
+    return list(metrics.items()) if metrics is not None else []
+
+
+def _output_width(model: Any) -> int | None:
+    """The width of a :class:`~composites.Sequential`'s last stage's last linear layer, or ``None``."""
+    from torch import nn
+
+    from composites import Sequential
+
+    if not isinstance(model, Sequential):
+        return None
+    last = getattr(model, model.stage_names[-1])
+    linears = [m for m in last.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None

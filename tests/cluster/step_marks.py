@@ -1,0 +1,24 @@
+"""A callback the cluster tests add to a job (``+callbacks.marks._target_=tests.cluster.step_marks.StepMarks``).
+
+Rank zero prints ``step <global step>`` after each optimizer step, so a test reading the job log
+knows how far training got and, across a requeue, which steps ran in which leg. ``sleep_s`` slows
+the steps down so a test can signal the job in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+
+
+class StepMarks(pl.Callback):
+    """Print ``step N`` (rank zero) after every training batch, then sleep ``sleep_s``."""
+
+    def __init__(self, sleep_s: float = 0.0):
+        self.sleep_s = sleep_s
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        if trainer.is_global_zero:
+            print(f"step {trainer.global_step}", flush=True)
+        time.sleep(self.sleep_s)

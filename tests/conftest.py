@@ -1,0 +1,64 @@
+"""Fixtures shared by every test folder.
+
+A fixture sets up state for one test and undoes it afterwards (a seeded random stream, Dynamo's
+caches, a subprocess in the repository). What only builds or inspects a value (a layer with
+known weights, the names of the parameters that got a gradient) is a plain function in
+``tests/stand_ins.py`` instead, so module-level builders and spawned workers can use it too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests import ROOT
+
+
+@pytest.fixture
+def seeded() -> Iterator[torch.Generator]:
+    """torch's global random stream seeded with 0 for this test (and restored after), plus a generator seeded 0."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def dynamo_counters() -> Iterator[Any]:
+    """Dynamo with no compiled code and zeroed counters (``counters["stats"]["unique_graphs"]``)."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()  # no compiled code of this test's models is left to later tests
+
+
+@pytest.fixture
+def tiny_loader() -> Callable[..., DataLoader]:
+    """``tiny_loader(n=32, batch_size=8, features=4, classes=3)``: a classification loader, the same data every call."""
+
+    def make(n: int = 32, batch_size: int = 8, features: int = 4, classes: int = 3) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g))
+        return DataLoader(data, batch_size=batch_size)
+
+    return make
+
+
+@pytest.fixture
+def run_python() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_python(*args, timeout=120)``: a fresh interpreter in the repository root, as a user runs one there.
+
+    A fresh process for what must not leak into (or be hidden by) this one: imported modules,
+    torch's thread count, warning filters.
+    """
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+    return run

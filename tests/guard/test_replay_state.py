@@ -1,0 +1,133 @@
+"""The replay that names a cause re-runs the forward that happened: same random draws, same buffers."""
+
+import pytest
+import torch
+from torch import nn
+
+from composites import GradientFlowError, GradientGuard, Sequential
+from composites.guard.forward_state import StateCapture
+from tests.stand_ins import linear
+
+
+class LayerDrop(nn.Module):
+    """Skips ``a`` at random, as LayerDrop and stochastic depth do (the repro of issue 11)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) if torch.rand(()) < 0.5 else x)
+
+
+class Warmup(nn.Module):
+    """Runs ``a`` only from its second forward on: the path depends on a buffer the forward changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = linear(4, 4), linear(4, 4)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.b(self.a(x) if self.calls > 1 else x)
+
+
+def causes(guard: GradientGuard) -> dict[str, tuple[str, str]]:
+    with pytest.raises(GradientFlowError) as caught:
+        guard.check()
+    return {p.parameter: (p.cause, p.where) for p in caught.value.problems}
+
+
+def seeded_reports(build, seeds: int, micro_batches: int = 1, x=lambda: torch.randn(2, 4)):
+    """One guarded step per seed: (seed, report); the loop draws between micro-batches, as augmentation does."""
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = build()
+        guard = GradientGuard(model)
+        for _ in range(micro_batches):
+            model(x()).sum().backward()
+            torch.rand(5)
+        yield seed, guard.check(raise_error=False)
+
+
+def test_a_layer_dropped_at_random_is_unused_whatever_the_replay_would_draw():
+    where = "'a' never ran in forward, though the model (LayerDrop) did"
+    dropped_steps = 0
+    for seed, report in seeded_reports(LayerDrop, 12):
+        dropped_steps += not report.ok
+        assert {p.parameter: (p.cause, p.where) for p in report.problems} in (
+            {},
+            {"a.weight": ("unused", where), "a.bias": ("unused", where)},
+        ), f"seed {seed}"
+    assert dropped_steps >= 3  # the draw went both ways across these seeds
+
+
+def test_the_replay_starts_from_the_buffers_the_forward_started_from():
+    model = Warmup()
+    guard = GradientGuard(model)
+    model(torch.ones(2, 4)).sum().backward()  # first forward: 'a' skipped because calls == 1
+    assert causes(guard) == {
+        "a.weight": ("unused", "'a' never ran in forward, though the model (Warmup) did"),
+        "a.bias": ("unused", "'a' never ran in forward, though the model (Warmup) did"),
+    }
+    assert int(model.calls) == 1  # the replay put the buffer back
+    model(torch.ones(2, 4)).sum().backward()
+    assert guard.check().ok
+
+
+def test_each_accumulated_micro_batch_replays_with_its_own_random_draws():
+    failed = 0
+    for seed, report in seeded_reports(LayerDrop, 16, micro_batches=2):  # gradient accumulation: one check
+        failed += not report.ok
+        assert {p.cause for p in report.problems} <= {"unused"}, f"seed {seed}"
+    assert failed >= 2  # 'a' was dropped in both micro-batches for some seeds
+
+
+def test_dropout_masks_are_the_ones_of_the_step():
+    class Gated(nn.Module):  # 'a' reaches the output only where dropout keeps the gate's unit
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = linear(4, 1), linear(4, 4)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            gate = self.drop(torch.ones(1))
+            return self.b(x) + (self.a(x) * gate if gate.item() > 0 else self.a(x).detach())
+
+    for seed, report in seeded_reports(Gated, 8, x=lambda: torch.ones(2, 4)):
+        assert {p.cause for p in report.problems} <= {"detached"}, f"seed {seed}"
+        if not report.ok:
+            assert {p.parameter for p in report.problems} == {"a.weight", "a.bias"}
+            assert {p.where for p in report.problems} == {"inside Gated.forward, after 'a'"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_random_draws_are_replayed_too():
+    class CudaDrop(LayerDrop):
+        def forward(self, x):
+            return self.b(self.a(x) if torch.rand((), device=x.device) < 0.5 else x)
+
+    for seed, report in seeded_reports(lambda: CudaDrop().cuda(), 8, x=lambda: torch.randn(2, 4, device="cuda")):
+        assert {p.cause for p in report.problems} <= {"unused"}, f"seed {seed}"
+
+
+def test_capturing_the_random_state_and_buffers_costs_a_few_percent_of_a_small_step_at_most():
+    import time
+
+    model = Sequential({f"s{i}": nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64)) for i in range(8)})
+    x = torch.randn(32, 64)
+    capture = StateCapture(model)
+
+    def per_call(fn, n: int) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - start) / n)
+        return best
+
+    step = per_call(lambda: model(x).sum().backward(), 20)
+    once = per_call(lambda: capture(True), 200)  # what the guard adds per step: one capture with buffers
+    assert once < 0.05 * step, f"capture {once * 1e6:.0f} us against a step of {step * 1e6:.0f} us"
