@@ -65,7 +65,7 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
                 )
 
 
-def function_target_error(error: Exception) -> Exception | None:
+def function_target_error(error: Exception, node: str = "model") -> Exception | None:
     """A clear error when Hydra called a function where a module class was wanted (``_target_: torch.nn.functional.relu``)."""
     text = str(error)
     target = re.search(r"Error in call to target '([^']+)'", text)
@@ -80,7 +80,7 @@ def function_target_error(error: Exception) -> Exception | None:
         return None
     if isinstance(obj, type):
         return None
-    where = key.group(1) if key else "a model node"
+    where = f"{node}.{key.group(1)}" if key else node
     return _error(
         f"{where}._target_={target.group(1)} is a function, not a module class: a stage or branch must be an "
         "nn.Module. Use a module class (torch.nn.ReLU for torch.nn.functional.relu) or wrap the function in one"

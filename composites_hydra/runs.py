@@ -118,6 +118,11 @@ class KeepEarlierRuns(Callback):
     A fresh run into a directory that holds an earlier run stops here, before Hydra overwrites
     ``.hydra/config.yaml`` and ``overrides.yaml``; a resume writes its own to ``.hydra/resume-<n>/``.
     Sweeps (``-m``) get a fresh directory per job and are left alone.
+
+    >>> from omegaconf import OmegaConf
+    >>> cfg = OmegaConf.create({"hydra": {"run": {"dir": "/nonexistent"}, "output_subdir": ".hydra"}, "ckpt_path": None})
+    >>> KeepEarlierRuns().on_run_start(cfg); cfg.hydra.output_subdir  # a fresh directory: nothing to keep
+    '.hydra'
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -9,31 +9,17 @@ finite, the gradient that went non-finite first in backward is named instead.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..modules import Conditional
 from .finite import stored
+from .forward_state import state_kept
+from .nested import tensors_in
 from .problems import Problem
 from .structure import submodel_names
-
-
-def _tensors(value: Any, depth: int = 0) -> Iterable[Tensor]:
-    """The floating-point tensors in a (nested) value."""
-    if isinstance(value, Tensor):
-        if value.is_floating_point() or value.is_complex():
-            yield value
-    elif depth < 4 and isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v, depth + 1)
-    elif depth < 4 and isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v, depth + 1)
-    elif depth < 4 and hasattr(value, "to_tuple"):  # a Hugging Face ModelOutput
-        yield from _tensors(value.to_tuple(), depth + 1)
 
 
 def non_finite(value: Any) -> bool:
@@ -43,7 +29,8 @@ def non_finite(value: Any) -> bool:
         >>> non_finite({"a": torch.ones(2), "b": [torch.tensor([1.0, float("inf")])]}), non_finite((torch.ones(1), 3))
         (True, False)
     """
-    flags = [torch.isfinite(t.detach()).all() for t in _tensors(value)]
+    tensors = (t for t in tensors_in(value) if t.is_floating_point() or t.is_complex())
+    flags = [torch.isfinite(t.detach()).all() for t in tensors]
     return bool(flags) and not bool(torch.stack([f.to("cpu", non_blocking=False) for f in flags]).all())
 
 
@@ -83,12 +70,9 @@ def replay_for_source(model: nn.Module, calls: Sequence[Any]) -> tuple[tuple[str
         if not found and non_finite(output):
             found.append(path)
 
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    routing = [(c, c.routing_state()) for c in model.modules() if isinstance(c, Conditional)]
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     handles = [m.register_forward_hook(after) for m in model.modules()]
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with state_kept(model), torch.enable_grad():
             for index, call in enumerate(calls):
                 module, args, kwargs, state = _unpack(call)
                 if non_finite((args, kwargs)):
@@ -103,12 +87,6 @@ def replay_for_source(model: nn.Module, calls: Sequence[Any]) -> tuple[tuple[str
     finally:
         for handle in handles:
             handle.remove()
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if name in buffers and buffers[name].shape == buffer.shape:
-                    buffer.copy_(buffers[name])
-        for c, state in routing:
-            c.load_routing_state(state)
     return None, order
 
 

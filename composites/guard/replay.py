@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .forward_state import state_kept
+from .nested import tensors_in
 from .step import RecordedCall
 
 
@@ -37,19 +38,13 @@ class Call:
         return 0 if self.parent is None else self.parent.depth + 1
 
 
-def _ends(value: Any, depth: int = 0) -> Iterable[Any]:
+def _ends(value: Any) -> Iterable[Any]:
     """Where each tensor in a (nested) value hangs in the graph."""
-    if isinstance(value, Tensor):
-        if value.grad_fn is not None:
-            yield value.grad_fn
-        elif value.requires_grad:
-            yield value
-    elif depth < 3 and isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _ends(v, depth + 1)
-    elif depth < 3 and isinstance(value, dict):
-        for v in value.values():
-            yield from _ends(v, depth + 1)
+    for tensor in tensors_in(value, max_depth=3):
+        if tensor.grad_fn is not None:
+            yield tensor.grad_fn
+        elif tensor.requires_grad:
+            yield tensor
 
 
 def reachable(ends: Iterable[Any]) -> set[int]:

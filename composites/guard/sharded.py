@@ -12,9 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..modules import is_under
-from .diagnosis import diagnose
 from .finite import stored
-from .non_finite_source import non_finite_problems
 from .problems import Problem
 
 if TYPE_CHECKING:
@@ -126,6 +124,9 @@ class ShardedArrivals:
         parameters, the tensors that forward used. Non-finite gradients are read from this
         rank's shards (the guard merges every rank's problems).
         """
+        from .diagnosis import diagnose  # the failure path only; structure.py imports this module
+        from .non_finite_source import non_finite_problems
+
         for unit in self.units:
             unit.unshard()
         try:

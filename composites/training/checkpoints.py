@@ -51,6 +51,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a writer killed mid-write
+            stale.unlink(missing_ok=True)
 
 
 def use_atomic_io(trainer: pl.Trainer) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -118,3 +120,25 @@ def shard_composite(
         fully_shard(modules if len(modules) > 1 else modules[0], **kwargs)
     fully_shard(model, **kwargs)
     return units
+
+
+def full_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """A sharded checkpoint folder (``FSDP2Strategy``, ``save_distributed_checkpoint=True``) as one ordinary
+    Lightning checkpoint with whole tensors, read in this process alone (no process group).
+
+    ``torch.save(full_checkpoint(folder), "full.ckpt")`` gives a file that ``CompositeModule.load_from_checkpoint``,
+    a single-device run, or an inspection reads like any other (Lightning's ``consolidate_checkpoint``
+    expects Fabric's layout, not this one).
+    """
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, Path(tmp) / "full.pt")
+        shards = torch.load(Path(tmp) / "full.pt", weights_only=False)
+    checkpoint = torch.load(folder / "meta.pt", weights_only=False)  # everything but the tensors
+    checkpoint["state_dict"] = shards.pop("state_dict")
+    count = sum(1 for key in shards if key.startswith("optimizer_"))
+    checkpoint["optimizer_states"] = [shards[f"optimizer_{i}"] for i in range(count)]
+    return checkpoint

@@ -5,11 +5,18 @@ Interface (used by scripts/train.py and the SLURM set-up):
 - ``SignalCheckpoint(dirpath, filename="last.ckpt", requeue_signal="SIGUSR1", requeue=None, resume_hint=None)``
   is a Lightning callback. During ``fit`` it owns the handlers of SIGTERM, SIGINT and
   ``requeue_signal`` (``SIGUSR1``, or ``SIGUSR2`` as submitit sends); a handler only records the
-  signal. At the next step boundary (the end of a training batch, an epoch's start, the end of
-  training) every rank agrees on "some rank got a signal" with one collective, all ranks save
-  ``dirpath/filename`` atomically, rank zero prints where it is and how to resume, and every rank
-  raises :class:`TrainingInterrupted` (a ``SystemExit``; exit status ``128 + signal number``:
-  143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1) before the next batch trains.
+  signal. At the next step boundary (the end of a training batch; after an epoch's last batch,
+  the end of its validation or of the epoch; the end of training) every rank agrees on "some
+  rank got a signal" with one collective (``strategy.reduce_boolean_decision``), all ranks save
+  ``dirpath/filename`` atomically (:class:`AtomicCheckpointIO`), rank zero prints where it is and
+  how to resume, and once that step's logs are written (the next hook) every rank raises
+  :class:`TrainingInterrupted` (a ``SystemExit``; exit status ``128 + signal number``: 143 for
+  SIGTERM, 130 for SIGINT, 138 for SIGUSR1, 140 for SIGUSR2) before another batch trains.
+  Resuming from that checkpoint with ``ckpt_path=auto`` (same run directory) continues exactly
+  as the uninterrupted run (with :class:`ResumeState` and a :class:`ResumableLoader`).
+- Catch :class:`TrainingInterrupted` (``.signal_name``, ``.checkpoint``, ``.step``) to act on
+  it; uncaught, the process exits with its code. A signal during the sanity check or validation
+  is acted on at the next boundary; after ``fit`` the previous handlers are back.
 - With the requeue signal and ``requeue`` true (``None``: when ``$SLURM_JOB_ID`` is set), rank
   zero runs ``scontrol requeue $SLURM_JOB_ID`` after the save: the requeued job resumes with
   ``ckpt_path=auto``. Lightning's own SLURM auto-requeue is turned off for the run

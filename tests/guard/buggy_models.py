@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from composites import GradientFlowError, GradientGuard
 from tests.stand_ins import linear
+
+FIELDS = ("module", "cause", "where")
+
+
+def problems(guard: GradientGuard, *fields: str) -> dict:
+    """``{parameter: (module, cause, where)}`` of a check that must raise; ``fields`` picks other Problem fields.
+
+    With one field the values are that field alone (``problems(guard, "cause")`` -> ``{parameter: cause}``);
+    ``set(problems(guard))`` is the set of parameter names.
+    """
+    with pytest.raises(GradientFlowError) as caught:
+        guard.check()
+    fields = fields or FIELDS
+    pick = (lambda p: getattr(p, fields[0])) if len(fields) == 1 else (lambda p: tuple(getattr(p, f) for f in fields))
+    return {p.parameter: pick(p) for p in caught.value.problems}
 
 
 class NumpyEncoder(nn.Module):
@@ -30,6 +47,17 @@ class NoGradInside(nn.Module):
         with torch.no_grad():
             h = self.fc1(x)
         return self.fc2(h)
+
+
+class Detaching(nn.Module):
+    """Detaches its own layer's output and passes its input on: ``fc`` never gets a gradient where it runs."""
+
+    def __init__(self, width: int = 3) -> None:
+        super().__init__()
+        self.fc = linear(3, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).detach() + x[:, : self.fc.out_features]
 
 
 class DetachInside(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from composites import Conditional, GradientFlowError, GradientGuard
-from tests.guard.buggy_models import linear
+from tests.guard.buggy_models import Detaching, linear
 
 
 class RankRouted(nn.Module):
@@ -34,17 +34,6 @@ class RankRouted(nn.Module):
         return out + self.aux(h) if self.use_aux else out
 
 
-class Detaching(nn.Module):
-    """Detaches its own output: its parameters never get a gradient where it runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x).detach() + x[:, :2]
-
-
 def verdicts(scenario: str) -> list:
     """What the guard says on this rank over three steps; every DDP object dies with this frame."""
     model = RankRouted()
@@ -52,7 +41,7 @@ def verdicts(scenario: str) -> list:
         model.use_aux = False
     if scenario == "detached_where_routed":  # 'b' runs (and cuts) on rank 1 only; rank 0 routes it out
         model.experts = Conditional(
-            {"a": linear(3, 2), "b": Detaching(), "c": linear(3, 2)}, router=lambda x: "ab"[dist.get_rank()]
+            {"a": linear(3, 2), "b": Detaching(width=2), "c": linear(3, 2)}, router=lambda x: "ab"[dist.get_rank()]
         )
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
     guard = GradientGuard(model)

@@ -60,3 +60,21 @@ def test_without_a_scaler_inf_gradients_are_non_finite():
     with pytest.raises(GradientFlowError) as caught:
         guard.check()
     assert {p.cause for p in caught.value.problems} == {"non_finite"}
+
+
+def test_overflow_is_flagged_only_on_steps_let_through_and_a_nan_loss_does_not_count():
+    model = linear(3, 1)
+    scaler = torch.amp.GradScaler("cpu")
+    guard = GradientGuard(model, scaler=scaler, overflow_patience=1)
+    loss = (model(X) * float("nan")).sum()
+    loss.backward()
+    report = guard.check(raise_error=False, loss=loss)
+    assert [p.cause for p in report.problems] == ["non_finite", "non_finite"] and not report.overflow
+    verdicts = []
+    for _ in range(2):
+        model.zero_grad()
+        loss = torch.nan_to_num((model(X) * 1e39).sum())  # a finite loss, infinite gradients
+        loss.backward()
+        report = guard.check(raise_error=False, loss=loss)
+        verdicts.append((len(report.problems), report.overflow))
+    assert verdicts == [(0, True), (2, False)]  # let through once (the patience), then reported

@@ -15,19 +15,17 @@ from tests.guard.buggy_models import (
     NoGradInside,
     NumpyEncoder,
     linear,
+    problems,
 )
 
 X = torch.ones(4, 3)
 
 
 def problems_of(model: nn.Module, optimizer=None, x=X) -> dict[str, tuple[str, str, str]]:
-    """Run one forward/backward and return {parameter: (sub-model, cause, where)} from the error."""
+    """One guarded forward/backward, then :func:`problems`: {parameter: (sub-model, cause, where)}."""
     guard = GradientGuard(model, optimizer=optimizer)
     model(x).sum().backward()
-    with pytest.raises(GradientFlowError) as caught:
-        guard.check()
-    guard.remove()
-    return {p.parameter: (p.module, p.cause, p.where) for p in caught.value.problems}
+    return problems(guard)
 
 
 def test_numpy_round_trip_between_chained_models_is_detached_inside_the_encoder():

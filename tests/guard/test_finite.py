@@ -1,10 +1,16 @@
-"""any_non_finite: NaN/Inf anywhere is found on both paths, and the gradients are left bit for bit."""
+"""Finite checks: NaN/Inf anywhere is found on both paths of any_non_finite, the gradients left bit for bit,
+and sparse gradients are checked, normed and named like dense ones."""
+
+import math
 
 import pytest
 import torch
+from torch import nn
 
+from composites import GradientGuard
 from composites.guard import finite
 from composites.guard.finite import any_non_finite
+from tests.guard.buggy_models import linear, problems
 
 
 def bits(t):
@@ -47,3 +53,18 @@ def test_mixed_dtypes_and_graph_carrying_grads_take_the_norm_path_untouched():
     assert any_non_finite([carrying]) is False
     assert carrying.grad_fn is not None and carrying._version == 0
     assert any_non_finite([]) is False
+
+
+def test_sparse_embedding_gradients_are_checked_normed_and_named_when_not_finite():
+    embedding = nn.Embedding(5, 3, sparse=True)
+    nn.init.constant_(embedding.weight, 1.0)
+    model = nn.Sequential(embedding, linear(3, 1))
+    guard = GradientGuard(model)
+    model(torch.tensor([1, 2, 1])).sum().backward()  # rows 1 (twice) and 2: an uncoalesced sparse gradient
+    assert embedding.weight.grad.is_sparse
+    report = guard.check()
+    assert report.grad_norms()["0"] == pytest.approx(math.sqrt(3 * 0.2**2 + 3 * 0.1**2), rel=1e-6)
+    model(torch.tensor([3])).sum().backward()
+    embedding.weight.grad = torch.sparse_coo_tensor([[3]], [[float("nan"), 0.0, 0.0]], (5, 3), check_invariants=True)
+    where = "step 2: the forward is finite; first non-finite gradient in backward order: '0.weight'"
+    assert problems(guard, "cause", "where") == {"0.weight": ("non_finite", where)}

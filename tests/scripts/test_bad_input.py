@@ -89,8 +89,8 @@ def test_input_entries_a_parallel_ignores_warn_once():
         model(x)
 
 
-def module(model: nn.Module, optimizer=partial(torch.optim.Adam, lr=1e-3)) -> CompositeModule:
-    return CompositeModule(model, nn.CrossEntropyLoss(), optimizer)
+def module(model: nn.Module, optimizer=None) -> CompositeModule:
+    return CompositeModule(model, nn.CrossEntropyLoss(), optimizer or partial(torch.optim.Adam, lr=1e-3))
 
 
 def test_an_optimizer_instance_instead_of_a_partial_is_named():

@@ -23,7 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composites import CompositeModule, Conditional, GradientFlowError, Parallel, Sequential
+from composites.guard import submodel_grad_norms
 from composites.training.strategy import FSDP2Strategy
+from composites_hydra import resume_path
 
 SCENARIOS = ("healthy", "resume", "one_rank", "detached", "accumulation", "non_finite")
 
@@ -151,14 +153,15 @@ def guarded_steps(scenario: str) -> list:
 def verdict(scenario: str, out: Path) -> dict[str, Any]:
     if scenario in ("accumulation", "non_finite"):
         return {"checks": guarded_steps(scenario)}
-    if scenario == "resume":  # from the sharded checkpoint the healthy run left
-        module, trainer, weights = fit("healthy", out, steps=4, ckpt_path="last")
+    if scenario == "resume":  # ckpt_path=auto: from the sharded checkpoint (a folder) the healthy run left
+        ckpt_path = resume_path("auto", str(out / "healthy"))
+        module, trainer, weights = fit("healthy", out / "healthy", steps=4, ckpt_path=ckpt_path)
         saved = json.loads((out / "healthy_end.json").read_text())
-        return {"step": trainer.global_step, "restored": weights.start == saved}
+        return {"ckpt_path": ckpt_path, "step": trainer.global_step, "restored": weights.start == saved}
     said = Said()
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addHandler(said)
     try:
-        module, trainer, weights = fit(scenario, out, steps=2)
+        module, trainer, weights = fit(scenario, out / scenario, steps=2)  # a run directory each
     except GradientFlowError as error:
         return {"error": [[p.parameter, p.module, p.cause] for p in error.problems]}
     finally:
@@ -176,8 +179,11 @@ def verdict(scenario: str, out: Path) -> dict[str, Any]:
         full = {n: p.grad.full_tensor().flatten() for n, p in module.model.named_parameters()}
         norms = report.grad_norms()
         whole = {k: float(torch.cat([g for n, g in full.items() if n.startswith(k + ".")]).norm()) for k in norms}
-        result["whole_norms"] = all(abs(norms[k] - whole[k]) < 1e-5 for k in norms)
-        last = out / "checkpoints" / "last.ckpt"
+        unguarded = submodel_grad_norms(module.model)  # what the gradient-norm plot reads with guard=off
+        result["whole_norms"] = all(
+            abs(norms[k] - whole[k]) < 1e-5 and abs(unguarded[k] - whole[k]) < 1e-5 for k in norms
+        )
+        last = out / "healthy" / "checkpoints" / "last.ckpt"
         result["sharded_checkpoint"] = last.is_dir() and len(list(last.glob("*.distcp"))) == 2
         if trainer.is_global_zero:
             (out / "healthy_end.json").write_text(json.dumps(weights.end))

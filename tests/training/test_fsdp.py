@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from composites import Conditional, Parallel, Sequential
-from composites.training.sharding import composite_units, units_matching
+from composites.training.sharding import composite_units, full_checkpoint, units_matching
 from composites.training.strategy import FSDP2Strategy, configure_sharding
 from tests.training import fsdp_workers
 
@@ -46,7 +46,7 @@ def outcomes(tmp_path_factory) -> dict[str, dict[int, dict]]:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    found: dict[str, dict[int, dict]] = {}
+    found: dict[str, dict] = {"folder": {"out": out}}
     for (scenario, rank), path in paths.items():
         if path.exists():
             found.setdefault(scenario, {})[rank] = json.loads(Path(path).read_text())
@@ -72,9 +72,23 @@ def test_healthy_composite_trains_guarded_with_whole_gradient_norms_and_a_sharde
 
 
 @pytest.mark.slow
-def test_training_resumes_from_the_sharded_checkpoint_with_the_saved_weights(outcomes):
+def test_ckpt_path_auto_resumes_from_the_sharded_checkpoint_with_the_saved_weights(outcomes):
     rank0, rank1 = both(outcomes, "resume")
-    assert rank0 == rank1 == {"step": 4, "restored": True}
+    assert rank0 == rank1 == {"ckpt_path": "last", "step": 4, "restored": True}
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_reads_back_whole_in_one_process(outcomes):
+    both(outcomes, "resume")
+    checkpoint = full_checkpoint(outcomes["folder"]["out"] / "healthy" / "checkpoints" / "last.ckpt")
+    shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    assert shapes == {
+        **{"model.encoder.weight": (8, 4), "model.encoder.bias": (8,)},
+        **{f"model.middle.{b}.weight": (4, 8) for b in "ab"},
+        **{f"model.middle.{b}.bias": (4,) for b in "ab"},
+        **{"model.head.weight": (3, 8), "model.head.bias": (3,)},
+    }
+    assert checkpoint["global_step"] == 4 and len(checkpoint["optimizer_states"]) == 1
 
 
 @pytest.mark.slow
