@@ -71,7 +71,7 @@ def section_names() -> list[str]:
     """The sections in this folder, without importing them: ``ORDER`` first, then the rest by name.
 
     >>> section_names()[:3]
-    ['composites', 'guard', 'routing']
+    ['composites', 'guard', 'diagnosis']
     """
     found = {m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg and not m.name.startswith("_")}
     return [name for name in ORDER if name in found] + sorted(found - set(ORDER))
@@ -83,7 +83,7 @@ def load_section(name: str) -> Callable[[Settings], list[Row]]:
     >>> load_section("nope")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: no benchmark section 'nope': the sections are composites, guard, routing, ...
+    ValueError: no benchmark section 'nope': the sections are composites, guard, diagnosis, ...
     """
     names = section_names()
     if name not in names:

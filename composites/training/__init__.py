@@ -21,6 +21,7 @@ _LAZY = {
     "ResumeState": "resume_state",
     "GradNormPlot": "grad_norm_callback",
     "FreezeSubmodels": "freeze",
+    "FSDP2Strategy": "fsdp2_strategy",
     "TerminalProgress": "run_output",
     "quiet_lightning": "run_output",
     "route_lightning_logs": "run_output",

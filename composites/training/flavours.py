@@ -19,6 +19,7 @@ that is not yet a Lightning class, and makes it one when it is instantiated:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -46,6 +47,7 @@ WRITTEN_ONCE = {
     "SignalCheckpoint": "composites.training.signals",
     "ResumeState": "composites.training.resume_state",
     "FreezeSubmodels": "composites.training.freeze",
+    "FSDP2Strategy": "composites.training.fsdp2_strategy",
 }
 _concrete: dict[tuple[type, str], type] = {}  # (written-once class, package) -> concrete class
 _dynamic: dict[type, tuple[type, str]] = {}  # concrete classes made for user subclasses -> (their class, package)
@@ -152,10 +154,18 @@ def concrete_class(cls: type, package: str | None = None) -> type:
 
 
 def _make(cls: type, package: str, module: str) -> type:
-    base = getattr(lightning_api(package), cls.lightning_base)
+    base = functools.reduce(getattr, cls.lightning_base.split("."), lightning_api(package))
     doc = f"{cls.__name__} as a {package} {cls.lightning_base}: see :class:`{cls.__module__}.{cls.__qualname__}`."
     namespace = {"__module__": module, "__qualname__": cls.__qualname__, "__doc__": doc}  # no doctest run twice
-    return type(cls.__name__, (cls, base), namespace)
+    return _metaclass(type(cls), type(base))(cls.__name__, (cls, base), namespace)
+
+
+@functools.cache
+def _metaclass(ours: type, theirs: type) -> type:
+    """A metaclass deriving from both: Lightning's strategies are ABCs (``ABCMeta``)."""
+    if issubclass(ours, theirs) or issubclass(theirs, ours):
+        return ours if issubclass(ours, theirs) else theirs
+    return type(f"{ours.__name__}{theirs.__name__}", (ours, theirs), {})
 
 
 def materialise(package: str, module: str) -> dict[str, type]:
@@ -183,7 +193,8 @@ class Flavoured(metaclass=_Forwarding):
     ``composites.CompositeModule.load_from_checkpoint(path, model=...)``.
 
     A subclass names the Lightning class it becomes in ``lightning_base`` (``"LightningModule"``,
-    ``"Callback"``, ``"LightningDataModule"``) and must not import Lightning at module level.
+    ``"Callback"``, ``"LightningDataModule"``, ``"strategies.ModelParallelStrategy"``) and must not
+    import Lightning at module level.
     """
 
     lightning_base: ClassVar[str]

@@ -1,7 +1,5 @@
 """SIGTERM, Ctrl-C or a cluster's requeue signal mid-run: finish the step, save a checkpoint, say how to resume, exit.
 
-Interface (used by scripts/train.py and the SLURM set-up):
-
 - ``SignalCheckpoint(dirpath, filename="last.ckpt", requeue_signal="SIGUSR1", requeue=None, resume_hint=None)``
   is a Lightning callback. During ``fit`` it owns the handlers of SIGTERM, SIGINT and
   ``requeue_signal`` (``SIGUSR1``, or ``SIGUSR2`` as submitit sends); a handler only records the
@@ -21,8 +19,7 @@ Interface (used by scripts/train.py and the SLURM set-up):
   zero runs ``scontrol requeue $SLURM_JOB_ID`` after the save: the requeued job resumes with
   ``ckpt_path=auto``. Lightning's own SLURM auto-requeue is turned off for the run
   (``SLURMEnvironment.auto_requeue = False``): its handler saves from inside the signal handler.
-- A second Ctrl-C stops at once, without a checkpoint.
-- Configured in ``configs/callbacks/default.yaml`` as ``callbacks.signal_checkpoint``.
+- A second Ctrl-C stops at once, without a checkpoint. Configured as ``callbacks.signal_checkpoint``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ step lost, none trained twice.
 import random
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ SCRIPT = ROOT / "scripts" / "slurm" / "train.sbatch"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
 
 
-def submit(tmp_path, monkeypatch, epochs: int, batches: int, sleep_s: float) -> tuple[str, object]:
+def submit(tmp_path: Path, monkeypatch, epochs: int, batches: int, sleep_s: float) -> tuple[str, Path]:
     """A 2-task job of ``epochs`` x ``batches`` steps; returns its id and its log's path."""
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the job imports tests.cluster.step_marks
     overrides = [

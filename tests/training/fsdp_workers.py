@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from composites import CompositeModule, Conditional, GradientFlowError, Parallel, Sequential
 from composites.guard import submodel_grad_norms
-from composites.training.strategy import FSDP2Strategy
+from composites.training import FSDP2Strategy
 from composites_hydra import resume_path
 
 SCENARIOS = ("healthy", "resume", "one_rank", "detached", "accumulation", "non_finite")

@@ -11,8 +11,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from composites import Conditional, Parallel, Sequential
+from composites.training import FSDP2Strategy
 from composites.training.sharding import composite_units, full_checkpoint, units_matching
-from composites.training.strategy import FSDP2Strategy, configure_sharding
+from composites.training.strategy import configure_sharding
 from tests.training import fsdp_workers
 
 TIMEOUT_S = 240  # every scenario of both ranks; a hang fails here, a slow, busy 2-core machine does not
