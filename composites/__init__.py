@@ -5,9 +5,8 @@ The subpackages, one concern each: ``modules`` (Sequential, Parallel, Conditiona
 ``presets`` (the example models and data the configs use).
 """
 
-import importlib
-
 from .guard import CAUSES, GradientFlowError, GradientGuard, GuardReport, Problem
+from .lazy import lazy_getattr
 from .modules import Conditional, Parallel, Sequential, StageError
 from .views import FlowNode, check_gradient_flow, format_flow, gradient_flow
 
@@ -40,8 +39,4 @@ __all__ = [
     *_LAZY,
 ]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'composites' has no attribute '{name}'")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -11,7 +11,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from composites.training import using_lightning
+
 from .checks import check_built, check_config, function_target_error
+from .lightning_package import trainer_package
 from .runs import keep_earlier_csv_logs, refuse_to_overwrite
 from .schema import TrainConfig
 
@@ -70,26 +73,59 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
         )
     refuse_to_overwrite(cfg.paths.output_dir, cfg.ckpt_path)  # never delete what an earlier run wrote
     check_config(cfg, _command_line())
+    try:
+        package = trainer_package(cfg.trainer._target_)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if cfg.monitor_mode is None:  # a loss is best low, anything else (accuracy, F1) high
         cfg.monitor_mode = "min" if "loss" in cfg.monitor else "max"
     # Resolve once, enums as plain strings ("raise", "max"), so objects get ordinary values.
     conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if conf["logger"] and cfg.ckpt_path is not None:
         keep_earlier_csv_logs(conf["logger"])
-    datamodule = build_node(conf["data"])
-    try:
-        model = build_node(conf["model"])
-    except InstantiationException as error:
-        raise (function_target_error(error) or error) from error
-    scheduler = build_node(conf["scheduler"]) if conf["scheduler"] else None
-    module = build_node(conf["module"], model=model, optimizer=build_node(conf["optimizer"]), scheduler=scheduler)
-    check_built(cfg, module)
-    callbacks = [build_node(c) for c in conf["callbacks"].values() if c]
-    logger = build_node(conf["logger"]) if conf["logger"] else False
-    trainer = build_node(conf["trainer"], callbacks=callbacks, logger=logger)
+    # composites' own Lightning classes for the Trainer's package; Lightning's come from configs that
+    # name them ${lightning:...} (composites_hydra/lightning_package.py)
+    with using_lightning(package):
+        datamodule = build_node(conf["data"])
+        try:
+            model = build_node(conf["model"])
+        except InstantiationException as error:
+            raise (function_target_error(error) or error) from error
+        compile_model(model, conf["compile"])
+        scheduler = build_node(conf["scheduler"]) if conf["scheduler"] else None
+        optimizer = build_node(conf["optimizer"])
+        module = build_node(conf["module"], model=model, optimizer=optimizer, scheduler=scheduler)
+        check_built(cfg, module)
+        callbacks = [build_node(c) for c in conf["callbacks"].values() if c]
+        logger = build_node(conf["logger"]) if conf["logger"] else False
+        trainer = build_node(conf["trainer"], callbacks=callbacks, logger=logger)
     if trainer.logger is not None:
         trainer.logger.log_hyperparams({"config": conf})  # the whole run, next to the metrics
     return datamodule, module, trainer
+
+
+def compile_model(model: Any, setting: Any) -> None:
+    """Apply the ``compile`` key: ``false`` nothing, ``true`` ``torch.compile``'s defaults, a mapping its arguments.
+
+    Compiled in place (``nn.Module.compile``), so the state_dict keys stay free of ``_orig_mod.``.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 3)
+    >>> compile_model(model, {"backend": "eager"})
+    >>> list(model.state_dict())
+    ['weight', 'bias']
+    """
+    if setting is False or setting is None:
+        return
+    if setting is not True and not isinstance(setting, dict):
+        raise ConfigError(
+            f"compile={setting!r}: use true, false or a mapping of torch.compile arguments, "
+            "e.g. compile='{backend: eager}' or compile='{mode: max-autotune}'"
+        )
+    try:
+        model.compile(**(setting if isinstance(setting, dict) else {}))
+    except TypeError as error:  # an argument torch.compile does not take
+        raise ConfigError(f"compile={setting!r}: {error}") from None
 
 
 def _command_line() -> list[str]:

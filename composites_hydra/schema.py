@@ -77,6 +77,7 @@ class TrainConfig:
     scheduler: Any = None
     callbacks: Any = field(default_factory=dict)
     logger: Any = None
+    compile: Any = False  # false | true | a mapping of torch.compile arguments, e.g. {backend: eager}
 
 
 def register_configs() -> None:

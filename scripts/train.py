@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from composites.training import SignalCheckpoint
+from composites.training import SignalCheckpoint, quiet_lightning, route_lightning_logs
 from composites.views import text_table
 from composites_hydra import ConfigError, build, register_configs, resume_command, resume_path
 
@@ -34,6 +34,7 @@ def train(cfg: DictConfig) -> float:
     """
     import pytorch_lightning as pl
 
+    quiet_lightning()  # before the Trainer is built: its tips and hints come then
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     for callback in trainer.callbacks:  # a signal's message names the command that resumes this run
@@ -60,6 +61,7 @@ def train(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
+    route_lightning_logs()  # Hydra has set up logging: Lightning's records go to the run's train.log too
     try:
         return train(cfg)
     except ConfigError as error:

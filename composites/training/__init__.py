@@ -5,8 +5,7 @@ can build the class of the Lightning package the program imported (see :mod:`.fl
 To add a name, add it to ``_LAZY`` (name -> module in this package).
 """
 
-import importlib
-
+from ..lazy import lazy_getattr
 from .flavours import chosen_package, using_lightning
 from .guard_callback import GUARD_MODES, GradientGuardCallback, GuardMode
 from .non_finite import NonFiniteCheckpointError, NonFiniteStepsError
@@ -38,8 +37,4 @@ __all__ = [
     *_LAZY,
 ]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'composites.training' has no attribute '{name}'")
+__getattr__ = lazy_getattr(__name__, _LAZY)

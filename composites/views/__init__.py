@@ -1,8 +1,7 @@
 """Pictures and tables of a model's gradient flow. The PNG writers import matplotlib on first use."""
 
-import importlib
-
 from ..guard import text_table
+from ..lazy import lazy_getattr
 from .flow import check_gradient_flow, gradient_flow
 from .flow_table import format_flow, format_norm, rows
 from .flow_tree import FlowNode, build_tree
@@ -21,8 +20,4 @@ __all__ = [
     *_LAZY,
 ]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'composites.views' has no attribute '{name}'")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -57,7 +57,9 @@ def test_defaults_wire_checkpoints_logging_and_the_run_directory(tmp_path):
     (last,) = [c for c in trainer.callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c is not checkpoint]
     assert (last.monitor, last.filename, last.dirpath) == (None, "last", checkpoint.dirpath)  # every epoch
     assert isinstance(trainer.logger, pl.loggers.CSVLogger) and trainer.logger.log_dir == str(tmp_path / "logs") + "/"
+    assert cfg.logger.flush_logs_every_n_steps == cfg.trainer.log_every_n_steps == 10  # rows on disk that often
     assert trainer.default_root_dir == str(tmp_path)
+    assert [type(c).__name__ for c in trainer.callbacks].count("TerminalProgress") == 1  # no bar off a terminal
 
 
 @pytest.mark.parametrize("preset", ["default", "cpu", "gpu", "ddp"])
@@ -154,6 +156,21 @@ def test_an_added_unknown_top_level_key_is_refused(tmp_path):
     cfg = compose_train(tmp_path, ["+composite=sequential", "+seedd=1"])  # `+` bypasses the schema
     with pytest.raises(ConfigError, match="unknown top-level key.s. seedd;"):
         build(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("compile=fast", "compile='fast': use true, false or a mapping of torch.compile arguments"),
+        ("compile={fast: true}", "compile={'fast': True}: "),
+        ("trainer._target_=torch.nn.Linear", "trainer._target_=torch.nn.Linear is not a Lightning Trainer"),
+        ("trainer._target_=lightnin.Trainer", "trainer._target_=lightnin.Trainer cannot be imported"),
+    ],
+)
+def test_a_bad_compile_setting_or_trainer_target_names_the_key(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as info:
+        build(compose_train(tmp_path, ["+composite=sequential", override]))
+    assert str(info.value).startswith(expected)
 
 
 @pytest.mark.parametrize("monitor, mode", [("val/acc", "max"), ("val/loss", "min"), ("train/loss_epoch", "min")])

@@ -16,6 +16,14 @@ from tests.scripts.train_helpers import QUICK, ROOT, compose_train, train
 SCRIPT = str(ROOT / "scripts" / "train.py")
 
 
+@pytest.fixture
+def built(monkeypatch) -> list[tuple]:
+    """What ``train()`` built, ``(datamodule, module, trainer)`` per call, recorded around the real ``build``."""
+    made, real = [], train.build
+    monkeypatch.setattr(train, "build", lambda cfg: made.append(real(cfg)) or made[-1])
+    return made
+
+
 @pytest.mark.parametrize("name", ["sequential", "parallel", "conditional"])
 def test_fast_dev_run_of_each_composite(tmp_path, capsys, name):
     cfg = compose_train(
@@ -59,7 +67,8 @@ def run_script(*args: str, cwd) -> subprocess.Popen:
 def test_the_command_line(tmp_path):
     # Started together: each process spends most of its time importing torch and Lightning.
     run_dir = tmp_path / "run"
-    ok = run_script("+composite=sequential", *QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    with_bar = [o for o in QUICK if not o.startswith("trainer.enable_progress_bar")]  # the bar as configured
+    ok = run_script("+composite=sequential", *with_bar, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     missing = run_script(cwd=tmp_path)
     bogus = run_script("+composite=bogus", cwd=tmp_path)
     typo = run_script("+composite=sequential", "guard=rase", cwd=tmp_path)
@@ -72,6 +81,13 @@ def test_the_command_line(tmp_path):
     assert p.returncode == 0, err
     assert "test/acc" in out and f"run directory: {run_dir}" in out
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    # off a terminal: no progress-bar flood, one line per epoch, Lightning's log in train.log, none of its noise
+    said = out + err
+    assert "\r" not in said and "epoch 1/1  step 3  " in said
+    noise = ("Tip:", "`srun`", "LeafSpec", "multiple `ModelCheckpoint`")
+    assert [n for n in noise if n in said] == []
+    log = (run_dir / "train.log").read_text()
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in log and "epoch 1/1  step 3  " in log
 
     p, out, err = results["missing"]
     assert p.returncode == 1
@@ -110,3 +126,26 @@ def test_resuming_in_the_same_run_directory_keeps_the_earlier_metrics(tmp_path):
 def test_without_our_checkpoint_callback_the_monitored_value_is_still_returned(tmp_path):
     value = train.train(compose_train(tmp_path, [*QUICK, "+composite=sequential", "~callbacks.checkpoint"]))
     assert 0.0 <= value <= 1.0  # val/acc, not nan from a monitor-less checkpoint's missing score
+
+
+def test_a_lightning_trainer_gets_lightnings_callbacks_logger_and_module(tmp_path, built):
+    import lightning as L
+
+    overrides = [*QUICK, "+composite=sequential", "trainer._target_=lightning.Trainer"]
+    value = train.train(compose_train(tmp_path, overrides))
+    ((datamodule, module, trainer),) = built
+    assert 0.0 <= value <= 1.0 and type(trainer) is L.Trainer and trainer.global_step == 3
+    assert isinstance(module, L.LightningModule) and isinstance(datamodule, L.LightningDataModule)
+    assert [type(c).__name__ for c in trainer.callbacks if not isinstance(c, L.Callback)] == []
+    assert type(trainer.checkpoint_callback) is L.pytorch.callbacks.ModelCheckpoint
+    assert type(trainer.logger) is L.pytorch.loggers.CSVLogger
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "logs" / "metrics.csv").is_file()
+
+
+def test_compile_compiles_the_model_in_place_and_a_fast_dev_run_trains_it(tmp_path, built):
+    overrides = ["+composite=sequential", "trainer.fast_dev_run=true", "trainer.enable_progress_bar=false"]
+    value = train.train(compose_train(tmp_path, [*overrides, "compile={backend: eager}"]))
+    ((_, module, _),) = built
+    assert 0.0 <= value <= 1.0
+    assert module.model._compiled_call_impl is not None  # nn.Module.compile: the module itself, no wrapper
+    assert [k for k in module.state_dict() if "_orig_mod" in k] == []

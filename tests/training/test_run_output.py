@@ -92,11 +92,12 @@ def test_on_a_terminal_the_bar_stays():
 
 
 def test_logger_tensorboard_works_out_of_the_box(tmp_path):
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from composites_hydra import build_node  # importing composites_hydra registers ${lightning:...}
+
     conf = OmegaConf.load(ROOT / "configs" / "logger" / "tensorboard.yaml")
-    logger = instantiate(conf, save_dir=str(tmp_path))
+    logger = build_node(conf, save_dir=str(tmp_path))
     pl.Trainer(max_epochs=1, logger=logger, enable_checkpointing=False, enable_progress_bar=False).fit(
         module(), loader()
     )
@@ -116,9 +117,7 @@ def test_a_sweep_ends_with_one_table_and_each_run_fills_its_train_log_without_no
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1",
-        f"hydra.sweep.dir={tmp_path}",
-        "++hydra.callbacks.run_output._target_=composites_hydra.run_output.RunOutput",
-        "++callbacks.progress._target_=composites.training.TerminalProgress",
+        f"hydra.sweep.dir={tmp_path}",  # RunOutput and TerminalProgress as configs/ wire them
     ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
