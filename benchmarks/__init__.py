@@ -64,7 +64,16 @@ __all__ = [
     "wall_clock",
 ]
 
-ORDER = ("composites", "guard", "diagnosis", "routing", "lightning", "fsdp", "compile", "gpu")  # the reading order of the table
+ORDER = (
+    "composites",
+    "guard",
+    "diagnosis",
+    "routing",
+    "lightning",
+    "fsdp",
+    "compile",
+    "gpu",
+)  # the reading order of the table
 
 
 def section_names() -> list[str]:
