@@ -82,8 +82,6 @@ def test_a_submitit_job_that_times_out_saves_is_requeued_by_submitit_and_resumes
     # to the step before the one saved; the second goes on after the one saved, to the end
     assert steps(first) == list(range(1, stopped)) and steps(second) == list(range(stopped + 1, 41))
     assert "Requeued job" in log and second.count("test/acc") == 1
-    errors = log_path.with_name(log_path.name.replace(".out", ".err")).read_text()
-    assert (
-        f"Restored all states from the checkpoint at {log_path.parents[2] / '0' / 'checkpoints' / 'last.ckpt'}"
-        in errors
-    )
+    both = log + log_path.with_name(log_path.name.replace(".out", ".err")).read_text()  # Lightning logs to either
+    last = log_path.parents[2] / "0" / "checkpoints" / "last.ckpt"
+    assert both.count(f"Restored all states from the checkpoint at {last}") == 1  # the second leg only
