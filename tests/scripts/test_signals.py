@@ -95,7 +95,10 @@ def test_the_requeue_signal_requeues_the_slurm_job_and_the_printed_command_resum
         [sys.executable, *command[1:], f"trainer.max_epochs={epochs}"], cwd=ROOT, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Restoring states from the checkpoint path at {run_dir}/checkpoints/last.ckpt" in resumed.stdout + resumed.stderr
+    assert (
+        f"Restoring states from the checkpoint path at {run_dir}/checkpoints/last.ckpt"
+        in resumed.stdout + resumed.stderr
+    )
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5 * epochs
     assert "test/acc" in resumed.stdout
 
