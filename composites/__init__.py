@@ -5,7 +5,7 @@ The subpackages, one concern each: ``modules`` (Sequential, Parallel, Conditiona
 ``presets`` (the example models and data the configs use).
 """
 
-from .guard import CAUSES, GradientFlowError, GradientGuard, GuardReport, Problem
+from .guard import CAUSES, GradientFlowError, GradientGuard, GuardReport, Problem, submodel_grad_norms
 from .lazy import lazy_getattr
 from .modules import Conditional, Parallel, Sequential, StageError
 from .views import FlowNode, check_gradient_flow, format_flow, gradient_flow
@@ -19,7 +19,6 @@ _LAZY = {
     "GradNormPlot": "training.grad_norm_callback",
     "GradientGuardCallback": "training.guard_callback",
     "plot_grad_norms": "views.grad_norm_plot",
-    "submodel_grad_norms": "guard.structure",
 }
 
 __all__ = [
@@ -36,6 +35,7 @@ __all__ = [
     "check_gradient_flow",
     "format_flow",
     "gradient_flow",
+    "submodel_grad_norms",
     *_LAZY,
 ]
 

@@ -34,6 +34,9 @@ def available_composites() -> list[str]:
 
     Under a running Hydra (the script, the compose API) that includes a user's ``--config-dir``
     and ``hydra.searchpath``; otherwise the files in this repository's ``configs/composite/``.
+
+    >>> available_composites()
+    ['conditional', 'parallel', 'sequential']
     """
     if GlobalHydra.instance().is_initialized():
         return sorted(GlobalHydra.instance().config_loader().get_group_options("composite"))

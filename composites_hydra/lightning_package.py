@@ -20,6 +20,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from composites.training import package_of
+
 API = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}  # where each keeps its classes
 DEFAULT = "pytorch_lightning"  # composites' own dependency: a node resolved without a trainer in its config
 
@@ -41,10 +43,9 @@ def trainer_package(target: str) -> str:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(f"trainer._target_={target} cannot be imported: {error}") from None
-    for klass in getattr(cls, "__mro__", ()):
-        for package, api in API.items():
-            if klass.__module__ == api or klass.__module__.startswith(api + "."):
-                return package
+    package = package_of(cls)
+    if package is not None:
+        return package
     raise ValueError(
         f"trainer._target_={target} is not a Lightning Trainer: use pytorch_lightning.Trainer, "
         "lightning.Trainer or a subclass of one"

@@ -10,7 +10,7 @@ In ``configs/train.yaml``::
 Each job (in its own process, also on a cluster) writes one JSON record into
 ``<sweep dir>/.summary/``; when a ``-m`` sweep ends, the launching process prints one table of
 the jobs (their overrides, the monitored value each returned, their test metrics) and writes it as
-``<sweep dir>/summary.csv``.
+``<sweep dir>/summary.csv`` (a sweep dir used again keeps the earlier table as ``summary-<n>.csv``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from composites.training.run_output import quiet_lightning, route_lightning_logs
+from composites.training import quiet_lightning, route_lightning_logs
 
 log = logging.getLogger(__name__)
 RECORDS = ".summary"
@@ -89,8 +89,14 @@ class RunOutput(Callback):
     """Route Lightning's log to the job's log file, silence its noise, summarise a ``-m`` sweep."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        for old in (Path(config.hydra.sweep.dir) / RECORDS).glob("*.json"):  # a sweep dir used again
+        sweep = Path(config.hydra.sweep.dir)
+        for old in (sweep / RECORDS).glob("*.json"):  # a sweep dir used again: its table is in summary.csv
             old.unlink()
+        if (sweep / "summary.csv").exists():  # the earlier sweep's table stays, as summary-<n>.csv
+            n = 1
+            while (sweep / f"summary-{n}.csv").exists():
+                n += 1
+            (sweep / "summary.csv").rename(sweep / f"summary-{n}.csv")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         route_lightning_logs()  # Hydra has configured logging by now: train.log gets Lightning's records

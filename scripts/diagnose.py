@@ -36,9 +36,8 @@ def diagnose(cfg: DictConfig) -> int:
     """
     import pytorch_lightning as pl
 
-    from composites.guard.problems import format_table
-    from composites.views import check_gradient_flow, format_flow
-    from composites.views.tree_plot import draw_flow_tree
+    from composites.guard import format_table
+    from composites.views import check_gradient_flow, draw_flow_tree, format_flow
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     cfg = cfg.copy()
@@ -50,9 +49,7 @@ def diagnose(cfg: DictConfig) -> int:
     batch = next(iter(datamodule.train_dataloader()))
     optimizer = module.configure_optimizers()  # the guard also checks that it holds every parameter
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-    if module.guard is not None:  # configure_optimizers hooked its own guard; ours runs the check
-        module.guard.remove()
-        module.guard = None
+    module.guard = None  # configure_optimizers hooked its own guard (the setter removes it); ours runs the check
     model = module.model
     tree, report = check_gradient_flow(model, module.loss_fn, batch, optimizer)
 

@@ -35,6 +35,11 @@ class ForwardState:
         _copy_into(model, self.buffers)
 
 
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA device indices the model's parameters live on: the generators a forward draws from."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
 def _copy_into(model: nn.Module, values: dict[str, Tensor]) -> None:
     if not values:
         return
@@ -59,9 +64,8 @@ def state_kept(model: nn.Module) -> Iterator[None]:
     """
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     routing = [(c, c.routing_state()) for c in model.modules() if isinstance(c, Conditional)]
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
             yield
     finally:
         _copy_into(model, buffers)
@@ -104,7 +108,7 @@ class StateCapture:
         self._sources: list[Tensor | None] = []  # the buffers the copies were made for
         self._targets: list[Tensor] = []
         self._copies: dict[str, Tensor] = {}
-        self._devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
+        self._devices = _cuda_devices(self.model)
 
     def _buffers_now(self) -> list[Tensor | None]:
         return [buffers.get(key) for buffers, key, _ in self._slots]

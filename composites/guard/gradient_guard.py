@@ -103,13 +103,13 @@ class GradientGuard:
         self._calls: deque[RecordedCall] = deque(maxlen=16)
         self._no_grad_calls: set[int] = set()  # ids of those modules called with grad off: the loop's no_grad
         self._checks = 0
-        self._handles = record_calls(self, model)
         self._param_handles: list[Any] = []
         self._sharded: ShardedArrivals | None = None
         self._hooked: set[int] = set()
         self._capture = StateCapture(model)
         self.set_optimizer(optimizer)
-        self.refresh_parameters()
+        self.refresh_parameters()  # a may_skip pattern that matches nothing raises here, before any hook is placed
+        self._handles = record_calls(self, model)
         self._inactive.drain()  # a forward made before the guard existed is not this step's
         self._unregistered, self._scanned_after_forward = unregistered_tensors(self.model), False
 
@@ -122,6 +122,7 @@ class GradientGuard:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.submodels = submodel_names(self.model, self.names)
+        self._inactive.refresh(self.model, self.names)  # checks the may_skip patterns first
         for handle in self._param_handles:
             handle.remove()
         self._param_handles.clear()
@@ -131,7 +132,6 @@ class GradientGuard:
         self._hooked.clear()
         # a lazy parameter cannot be hooked before its first forward; check() hooks it after
         self._hook({i for i, p in enumerate(self.params) if p.requires_grad and not is_lazy(p)})
-        self._inactive.refresh(self.model, self.names)
         self._capture.refresh()
         self._coverage.forget()
 

@@ -9,6 +9,7 @@ finite, the gradient that went non-finite first in backward is named instead.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from .finite import stored
 from .forward_state import state_kept
 from .nested import tensors_in
 from .problems import Problem
+from .step import as_recorded
 from .structure import submodel_names
 
 
@@ -34,21 +36,16 @@ def non_finite(value: Any) -> bool:
     return bool(flags) and not bool(torch.stack([f.to("cpu", non_blocking=False) for f in flags]).all())
 
 
-def _unpack(call: Any) -> tuple[nn.Module, tuple, dict, Any]:
-    """A recorded call as (module, args, kwargs, forward state or None): a tuple or a ``RecordedCall``."""
-    if isinstance(call, tuple):
-        return (*call, None) if len(call) == 3 else call
-    return call.module, call.args, call.kwargs, getattr(call, "state", None)
-
-
 def replay_for_source(model: nn.Module, calls: Sequence[Any]) -> tuple[tuple[str, int] | None, dict[str, int]]:
     """Replay ``calls``: ``(module path, call index)`` of the first non-finite output, and when each module last finished.
 
     "First" is in forward order: modules finish their forward innermost first, so this is the
     module that made the NaN/Inf, not an outer one that passed it on. ``"<input>"`` is the path
     when a call's input was already non-finite (the data). The finishing order (module path ->
-    position) is complete when no source was found. Random state, buffers and routing
-    bookkeeping are put back afterwards; each call starts from its recorded state when it has one.
+    position) is complete when no source was found. ``"<replay failed>"`` is the path when
+    call ``index`` raised in the replay (with a warning): the forward's finiteness is unknown.
+    Random state, buffers and routing bookkeeping are put back afterwards; each call starts from
+    its recorded state when it has one.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.LogSigmoid(), nn.Linear(2, 1))
@@ -71,19 +68,26 @@ def replay_for_source(model: nn.Module, calls: Sequence[Any]) -> tuple[tuple[str
             found.append(path)
 
     handles = [m.register_forward_hook(after) for m in model.modules()]
+    index = 0
     try:
         with state_kept(model), torch.enable_grad():
             for index, call in enumerate(calls):
-                module, args, kwargs, state = _unpack(call)
-                if non_finite((args, kwargs)):
+                call = as_recorded(call)
+                if non_finite((call.args, call.kwargs)):
                     return ("<input>", index), order
-                if state is not None:
-                    state.start(model)
-                module(*args, **kwargs)
+                if call.state is not None:
+                    call.state.start(model)
+                call.module(*call.args, **call.kwargs)
                 if found:
                     return (found[0], index), order
-    except Exception:  # a replay that fails names no source; the gradients still do
-        pass
+    except Exception as error:  # a replay that fails names no source; the gradients still do
+        warnings.warn(
+            f"GradientGuard could not replay the recorded forward to find the NaN/Inf source "
+            f"({type(error).__name__}: {error})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return ("<replay failed>", index), order
     finally:
         for handle in handles:
             handle.remove()
@@ -127,7 +131,7 @@ def non_finite_problems(record: Any) -> list[Problem]:
     if not bad:  # finite norms that overflowed, per tensor all finite
         return []
     source, order = replay_for_source(model, calls) if calls else (None, {})
-    if source is not None:
+    if source is not None and source[0] != "<replay failed>":
         path, index = source
         if path == "<input>":
             where = f"step {step}: the input of recorded call {index + 1} is already non-finite (the data)"
@@ -150,7 +154,11 @@ def non_finite_problems(record: Any) -> list[Problem]:
         first = max(
             bad, key=lambda n: (order.get(n.rpartition(".")[0], -1), rank[n.rpartition(".")[0]], -names.index(n))
         )
-        lead = "the forward is finite" if calls else "no recorded forward to replay"
+        lead = (
+            "the recorded forward could not be replayed"
+            if source is not None
+            else ("the forward is finite" if calls else "no recorded forward to replay")
+        )
         where = f"step {step}: {lead}; first non-finite gradient in backward order: '{first}'"
     where += _loss_note(loss)
     return [Problem(name, submodels[name], "non_finite", where) for name in bad]

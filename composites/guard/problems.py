@@ -32,6 +32,11 @@ class Problem:
         cause: one of :data:`CAUSES`.
         hint: one sentence on the fix.
         where: where the gradient was lost, when known (e.g. "inside 'encoder'.forward, after 'fc1'").
+
+    Example:
+        >>> problem = Problem("encoder.weight", "encoder", "no_grad")
+        >>> problem.hint == HINTS["no_grad"]
+        True
     """
 
     parameter: str
@@ -95,6 +100,18 @@ class GuardReport:
     forward (``frozen_names`` / ``inactive_names`` name them). ``overflow`` is True when a
     GradScaler overflow step was let through. :meth:`grad_norms` gives per-sub-model gradient
     norms (one device sync: call it when logging, not every step).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from composites import GradientGuard
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> _ = model[0].requires_grad_(False)
+        >>> guard = GradientGuard(model)
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> report = guard.check()
+        >>> report.ok, report.checked, report.frozen_names, sorted(report.grad_norms())
+        (True, 2, ['0.bias', '0.weight'], ['1'])
     """
 
     checked: int

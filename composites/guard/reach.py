@@ -4,7 +4,7 @@ A diagnosis asks, for every traced module call, which leaves its inputs and its 
 in the autograd graph. Walked afresh for each call, a deep model's graph is walked once per
 call: quadratic, tens of seconds for a detection model. Here every graph node is visited once,
 its answer kept as a bit set (a Python int, one bit per leaf) and reused by every later
-question that passes through it; the answer is a set of leaf ids, as ``replay.reachable`` gives.
+question that passes through it; the answer is a set of leaf ids.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from .forward_state import state_kept
 from .nested import tensors_in
-from .step import RecordedCall
+from .step import RecordedCall, as_recorded
 
 
 @dataclass(eq=False)
@@ -45,26 +46,6 @@ def _ends(value: Any) -> Iterable[Any]:
             yield tensor.grad_fn
         elif tensor.requires_grad:
             yield tensor
-
-
-def reachable(ends: Iterable[Any]) -> set[int]:
-    """Ids of the leaf tensors (parameters) the gradient would reach from these graph ends."""
-    found: set[int] = set()
-    seen: set[int] = set()
-    stack = list(ends)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Tensor):
-            found.add(id(node))
-            continue
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)  # AccumulateGrad holds its leaf
-        if variable is not None:
-            found.add(id(variable))
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
 
 
 # what reads a tensor's values without returning a tensor (metadata such as .shape is no use)
@@ -134,7 +115,7 @@ def replay(model: nn.Module, calls: Iterable[RecordedCall | tuple[nn.Module, tup
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
     try:
-        calls = [c if isinstance(c, RecordedCall) else RecordedCall(*c) for c in calls]
+        calls = [as_recorded(c) for c in calls]
         outermost = [c for c in calls if c.module is model] or calls
         with state_kept(model), torch.enable_grad(), _Uses(stack):
             for call in outermost:
@@ -142,8 +123,13 @@ def replay(model: nn.Module, calls: Iterable[RecordedCall | tuple[nn.Module, tup
                     call.state.start(model)
                 stack.clear()
                 call.module(*call.args, **call.kwargs)
-    except Exception:  # a replay that fails still leaves what it traced
-        pass
+    except Exception as error:  # a replay that fails still leaves what it traced; the user hears why
+        warnings.warn(
+            f"GradientGuard could not replay the recorded forward to name the causes ({type(error).__name__}: "
+            f"{error}); causes of what comes after that point may be wrong",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     finally:
         for handle in handles:
             handle.remove()

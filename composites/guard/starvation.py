@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 # Why 200 consecutive checks (each check is one optimizer step, whatever the accumulation):
 # - 8 experts, top-1, a learned gate: an expert with its fair share misses a step with
 #   probability (7/8)**batch, at worst 7/8 (one routing decision per step). 200 misses in a
@@ -40,7 +38,7 @@ class Starvation:
         self.after = after
         self.counts: dict[int, int] = {}
 
-    def update(self, countable: Iterable[int], reached: set[int]) -> dict[int, int]:
+    def update(self, countable: set[int], reached: set[int]) -> dict[int, int]:
         """Count one check; return ``{index: checks without a gradient}`` for those to report now.
 
         ``countable``: the parameters that may go without a gradient in this check (branches of
@@ -51,9 +49,7 @@ class Starvation:
         counts, due = self.counts, {}
         for i in [i for i in counts if i in reached]:  # a gradient in any step ends the count
             del counts[i]
-        for i in countable:
-            if i in reached:
-                continue
+        for i in countable - reached:  # a set difference: per-step Python work only for those without a gradient
             counts[i] = counts.get(i, 0) + 1
             if counts[i] % self.after == 0:
                 due[i] = counts[i]

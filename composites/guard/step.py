@@ -27,6 +27,16 @@ class RecordedCall:
     state: ForwardState | None = None
 
 
+def as_recorded(call: RecordedCall | tuple) -> RecordedCall:
+    """A recorded call, or a ``(module, args, kwargs[, state])`` tuple (a hand-built record), as a :class:`RecordedCall`.
+
+    Example:
+        >>> as_recorded((nn.Identity(), (), {})).state is None
+        True
+    """
+    return call if isinstance(call, RecordedCall) else RecordedCall(*call)
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """Everything the diagnosis reads about the forwards and backward since the guard's last check.

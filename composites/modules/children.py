@@ -119,6 +119,15 @@ class StageError(RuntimeError):
     The message names it and what it received. ``stage`` is the dotted path of the failing
     sub-model (each enclosing composite extends it), ``role`` says ``"stage"`` or ``"branch"``,
     ``received`` the shapes it was given, ``cause`` the original exception.
+
+    Example:
+        >>> from composites import Sequential
+        >>> model = Sequential({"encoder": nn.Linear(4, 8), "head": nn.Linear(3, 2)})
+        >>> try:
+        ...     model(torch.zeros(2, 4))
+        ... except StageError as error:
+        ...     print(error.stage, error.role, error.received)
+        head stage Tensor[2, 8]
     """
 
     def __init__(self, stage: str, module: str, received: str, cause: BaseException, role: str = "stage"):

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..training import ResumableLoader
-from ..training.flavours import Flavoured
+from ..training import Flavoured, ResumableLoader
 
 KINDS = ("image", "flat")
 INPUTS = (*KINDS, "views")

@@ -6,7 +6,7 @@ To add a name, add it to ``_LAZY`` (name -> module in this package).
 """
 
 from ..lazy import lazy_getattr
-from .flavours import chosen_package, using_lightning
+from .flavours import Flavoured, chosen_package, package_of, using_lightning
 from .guard_callback import GUARD_MODES, GradientGuardCallback, GuardMode
 from .non_finite import NonFiniteCheckpointError, NonFiniteStepsError
 
@@ -33,6 +33,8 @@ __all__ = [
     "NonFiniteCheckpointError",
     "NonFiniteStepsError",
     "chosen_package",
+    "Flavoured",
+    "package_of",
     "using_lightning",
     *_LAZY,
 ]

@@ -72,7 +72,8 @@ class StepCheckpoint(Flavoured):
     An epoch-end ``last.ckpt`` loses the partial epoch to a kill -9, a node failure or a
     preemption; this one loses at most ``every_n_steps`` steps or ``every_minutes`` minutes,
     whichever comes first (``None`` turns either off). Saves happen at the end of a training
-    batch (never on an epoch's last batch, where the epoch-end checkpoint follows), the point
+    batch that stepped the optimizer (never inside gradient accumulation, whose gradients a
+    checkpoint lacks, nor on an epoch's last batch, where the epoch-end checkpoint follows), the point
     Lightning resumes mid-epoch from, and are atomic (:class:`AtomicCheckpointIO`). All ranks
     take the same decision (the time one is agreed with one small collective), so no rank waits.
 
@@ -106,6 +107,7 @@ class StepCheckpoint(Flavoured):
         self.every_n_steps, self.every_minutes = every_n_steps, every_minutes
         self._saved_step = -1
         self._saved_at = time.monotonic()
+        self._step_at_start = -1  # global step when the current training batch began
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         use_atomic_io(trainer)
@@ -126,10 +128,16 @@ class StepCheckpoint(Flavoured):
             late = trainer.strategy.reduce_boolean_decision(late, all=False)
         return late
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_start = trainer.global_step
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.is_last_batch or trainer.sanity_checking or not self._due(trainer):
+        stepped = trainer.global_step != self._step_at_start  # else mid-accumulation: same on every rank
+        if trainer.is_last_batch or trainer.sanity_checking or not stepped or not self._due(trainer):
             return
         trainer.save_checkpoint(self.path)
         self._saved_step, self._saved_at = trainer.global_step, time.monotonic()

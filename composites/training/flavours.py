@@ -123,6 +123,12 @@ def using_lightning(package: str) -> Iterator[None]:
     """Build composites' Lightning classes for ``package`` inside the block (a program importing both).
 
     ``package`` may be a dotted path such as a Trainer's ``_target_`` (``"lightning.Trainer"``).
+
+    >>> from composites import GradNormPlot
+    >>> with using_lightning("lightning.Trainer"):
+    ...     plot = GradNormPlot()
+    >>> package_of(plot)
+    'lightning'
     """
     token = _pinned.set(_package_name(package))
     try:
@@ -195,6 +201,13 @@ class Flavoured(metaclass=_Forwarding):
     A subclass names the Lightning class it becomes in ``lightning_base`` (``"LightningModule"``,
     ``"Callback"``, ``"LightningDataModule"``, ``"strategies.ModelParallelStrategy"``) and must not
     import Lightning at module level.
+
+    Example:
+        >>> class Hello(Flavoured):
+        ...     lightning_base = "Callback"
+        >>> with using_lightning("lightning"):
+        ...     package_of(Hello())
+        'lightning'
     """
 
     lightning_base: ClassVar[str]

@@ -8,7 +8,6 @@ from typing import Any
 from torch import nn
 
 from ..guard import submodel_grad_norms, submodel_names
-from ..views.grad_norm_plot import plot_grad_norms
 from .epoch_logging import step_is_logged
 from .flavours import Flavoured
 from .guard_callback import active_guard
@@ -96,6 +95,8 @@ class GradNormPlot(Flavoured):
     def _save(self, trainer: Any) -> None:
         if not trainer.is_global_zero:
             return
+        from ..views import plot_grad_norms  # matplotlib: imported when a PNG is written, not with the callback
+
         folder = Path(self.dirpath) if self.dirpath is not None else Path(trainer.default_root_dir)
         self.path = plot_grad_norms(self.history, folder / self.filename, self.problem_steps)
 

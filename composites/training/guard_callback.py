@@ -48,8 +48,8 @@ class GradientGuardCallback(Flavoured):
     default, and ``non_finite_patience`` in a row stop training. In every mode, a checkpoint
     whose weights hold NaN/Inf is refused (:class:`NonFiniteCheckpointError`). On the steps
     Lightning writes logs it logs each sub-model's gradient norm as ``grad_norm/<sub-model>``.
-    Under DDP a model with a ``Conditional`` gets ``find_unused_parameters=True`` before it is
-    wrapped; under DDP and FSDP2 every rank reaches the same verdict. Works with both
+    Under DDP a model with a ``Conditional`` (or ``may_skip`` patterns) gets
+    ``find_unused_parameters=True`` before it is wrapped; under DDP and FSDP2 every rank reaches the same verdict. Works with both
     ``lightning`` and ``pytorch_lightning`` Trainers (see :mod:`composites.training.flavours`).
     ``CompositeModule`` runs one of these itself (its ``guard`` argument): do not add another.
 
@@ -143,7 +143,9 @@ class GradientGuardCallback(Flavoured):
         if stage == "fit" and spans_processes(trainer.strategy):
             from .strategy import prepare_strategy
 
-            chosen = prepare_strategy(trainer.strategy, self.guarded_model(pl_module), guard_on=self.mode != "off")
+            chosen = prepare_strategy(
+                trainer.strategy, self.guarded_model(pl_module), self.mode != "off", self.may_skip
+            )
             if chosen:
                 rank_zero_info(chosen)
 
@@ -177,7 +179,7 @@ class GradientGuardCallback(Flavoured):
             pl_module.log_dict(
                 {f"grad_norm/{name}": norm for name, norm in norms.items()}, on_step=True, on_epoch=False
             )
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = (p for group in optimizer.param_groups for p in group["params"])  # walked only for a skipped step
         self.policy.after_check(self.report.problems, params, trainer.global_step if trainer is not None else 0)
         if logged and self.policy.skipped:
             pl_module.log("guard/skipped_steps", float(self.policy.skipped), on_step=True, on_epoch=False)

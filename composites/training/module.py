@@ -13,7 +13,7 @@ from torchmetrics import Metric, MetricCollection
 from ..guard import GradientGuard, GuardReport
 from ..modules import Conditional
 from .epoch_logging import epoch_means, log_epoch, reset_epoch, stage_metrics, step_is_logged
-from .flavours import Flavoured, chosen_package, package_of, spans_processes, using_lightning
+from .flavours import Flavoured, package_of, spans_processes, using_lightning
 from .guard_callback import GradientGuardCallback, GuardMode
 from .inputs import check_optimizer_factory, check_trainable, split_batch
 from .param_groups import build_param_groups, plain
@@ -109,7 +109,7 @@ class CompositeModule(Flavoured):
         if isinstance(guard, GradientGuardCallback):
             callback = guard
         else:
-            with using_lightning(package_of(self) or chosen_package()):  # used through this module's hooks
+            with using_lightning(package_of(self)):  # self is always a concrete class; the callback follows its package
                 callback = GradientGuardCallback(guard)
         param_groups = plain(param_groups) if param_groups is not None else None
         # Only plain values go into hparams: checkpoints are read with torch.load(weights_only=True).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -62,7 +62,7 @@ class NonFinitePolicy:
         self.skipped = 0  # steps skipped in this fit
         self.in_a_row = 0
 
-    def after_check(self, problems: Sequence[Problem], params: Sequence[Tensor], step: int) -> bool:
+    def after_check(self, problems: Sequence[Problem], params: Iterable[Tensor], step: int) -> bool:
         """Apply the policy to the step about to be taken; True when it was skipped."""
         non_finite = [p for p in problems if p.cause == "non_finite"]
         if not non_finite:

@@ -3,15 +3,14 @@
 - ``SignalCheckpoint(dirpath, filename="last.ckpt", requeue_signal="SIGUSR1", requeue=None, resume_hint=None)``
   is a Lightning callback. During ``fit`` it owns the handlers of SIGTERM, SIGINT and
   ``requeue_signal`` (``SIGUSR1``, or ``SIGUSR2`` as submitit sends); a handler only records the
-  signal. At the next step boundary (the end of a training batch; after an epoch's last batch,
-  the end of its validation or of the epoch; the end of training) every rank agrees on "some
-  rank got a signal" with one collective (``strategy.reduce_boolean_decision``), all ranks save
-  ``dirpath/filename`` atomically (:class:`AtomicCheckpointIO`), rank zero prints where it is and
+  signal. At the next step boundary (after a batch that stepped the optimizer, never inside
+  gradient accumulation; after an epoch's last batch, the end of its validation or epoch) every
+  rank agrees on "some rank got a signal" with one collective (``reduce_boolean_decision``), all
+  ranks save ``dirpath/filename`` atomically (:class:`AtomicCheckpointIO`), rank zero says where it is and
   how to resume, and once that step's logs are written (the next hook) every rank raises
   :class:`TrainingInterrupted` (a ``SystemExit``; exit status ``128 + signal number``: 143 for
   SIGTERM, 130 for SIGINT, 138 for SIGUSR1, 140 for SIGUSR2) before another batch trains.
-  Resuming from that checkpoint with ``ckpt_path=auto`` (same run directory) continues exactly
-  as the uninterrupted run (with :class:`ResumeState` and a :class:`ResumableLoader`).
+  Resuming with ``ckpt_path=auto`` continues exactly as the uninterrupted run (:class:`ResumeState`).
 - Catch :class:`TrainingInterrupted` (``.signal_name``, ``.checkpoint``, ``.step``) to act on
   it; uncaught, the process exits with its code. A signal during the sanity check or validation
   is acted on at the next boundary; after ``fit`` the previous handlers are back.
@@ -115,6 +114,7 @@ class SignalCheckpoint(Flavoured):
         self.requeue_signal, self.requeue, self.resume_hint = requeue_signal, requeue, resume_hint
         self.received: str | None = None  # the first signal this process got
         self._pending: TrainingInterrupted | None = None  # saved; raised at the next hook
+        self._step_at_start = -1  # global step when the current training batch began
         self._previous: dict[int, Any] = {}
 
     # ---------------------------------------------------------------- handlers: only a flag
@@ -211,10 +211,10 @@ class SignalCheckpoint(Flavoured):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # The end of a batch is where Lightning resumes mid-epoch from; the exit waits for the
-        # next hook so this step's logs are written first. An epoch's last batch is left to the
-        # epoch's end (after validation), where the epoch-end checkpoint is written too.
-        if not trainer.is_last_batch:
+        # The end of a batch that stepped the optimizer (not mid-accumulation: no checkpoint holds gradients) is
+        # where Lightning resumes mid-epoch from; the exit waits for the next hook so this step's logs are written first. An
+        # epoch's last batch is left to the epoch's end (after validation), where the epoch-end checkpoint is too.
+        if not trainer.is_last_batch and trainer.global_step != self._step_at_start:
             self._check(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,6 +237,7 @@ class SignalCheckpoint(Flavoured):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._raise_pending()
+        self._step_at_start = trainer.global_step
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._raise_pending()

@@ -15,13 +15,13 @@ def _routed(model: nn.Module) -> str:
     return ", ".join(where)
 
 
-def prepare_strategy(strategy: object, model: nn.Module, guard_on: bool) -> str | None:
+def prepare_strategy(strategy: object, model: nn.Module, guard_on: bool, may_skip: Sequence[str] = ()) -> str | None:
     """Adjust ``strategy`` for ``model`` before Lightning wraps it; return what was chosen and why.
 
     A :class:`Conditional` leaves branches unused on a rank, which plain DDP answers with
     "Expected to have finished reduction" (unused on every rank) or a hang (unused on some).
-    So with a Conditional anywhere in the model, DDP is switched to
-    ``find_unused_parameters=True``. FSDP1 (``FSDPStrategy``) flattens parameters, which the
+    So with a Conditional anywhere in the model, or ``may_skip`` patterns (parameters the model's
+    own routing may leave without a gradient), DDP is switched to ``find_unused_parameters=True``. FSDP1 (``FSDPStrategy``) flattens parameters, which the
     guard cannot check per parameter: with the guard on it points to ``trainer=fsdp`` (FSDP2).
 
     Example:
@@ -47,9 +47,13 @@ def prepare_strategy(strategy: object, model: nn.Module, guard_on: bool) -> str 
     if not isinstance(strategy, DDPStrategy):
         return None
     kwargs = strategy._ddp_kwargs  # read by DDPStrategy when it wraps the model in strategy.setup()
-    if not _routed(model) or kwargs.get("find_unused_parameters"):
+    if not (_routed(model) or may_skip) or kwargs.get("find_unused_parameters"):
         return None
     kwargs["find_unused_parameters"] = True
+    if not _routed(model):
+        return (
+            f"DDP: find_unused_parameters=True, because may_skip {list(may_skip)} can leave parameters unused on a rank"
+        )
     return (
         f"DDP: find_unused_parameters=True, because the Conditional {_routed(model)} routes samples to a subset "
         "of its branches, so a rank can leave a branch unused"

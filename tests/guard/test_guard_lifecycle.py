@@ -6,6 +6,7 @@ import io
 import pickle
 import weakref
 
+import pytest
 import torch
 from torch import nn
 
@@ -72,3 +73,11 @@ def test_a_guarded_model_is_copied_and_saved_whole_without_its_guard():
     del guard
     gc.collect()
     assert alive() is None  # neither the model nor its copies keep a guard alive
+
+
+def test_a_guard_refused_for_a_bad_may_skip_pattern_leaves_no_hook_on_the_model():
+    model = Sequential({"encoder": linear(3, 3), "head": linear(3, 2)})
+    with pytest.raises(ValueError, match="may_skip pattern 'experts.*' matches no parameter name"):
+        GradientGuard(model, may_skip=["experts.*"])
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert not any(p._backward_hooks for p in model.parameters())

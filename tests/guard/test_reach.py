@@ -5,8 +5,28 @@ from torch import nn
 
 from composites import Parallel, Sequential
 from composites.guard.reach import CallReach
-from composites.guard.replay import reachable, replay
+from composites.guard.replay import replay
 from tests.stand_ins import linear
+
+
+def reachable(ends) -> set[int]:
+    """The reference: ids of the leaf tensors reached from ``ends``, by a walk of its own (no memo shared)."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = list(ends)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            found.add(id(node))
+            continue
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad holds its leaf
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 class Attention(nn.Module):

@@ -88,11 +88,14 @@ def test_dropout_masks_are_the_ones_of_the_step():
             gate = self.drop(torch.ones(1))
             return self.b(x) + (self.a(x) * gate if gate.item() > 0 else self.a(x).detach())
 
+    failed = 0
     for seed, report in seeded_reports(Gated, 8, x=lambda: torch.ones(2, 4)):
         assert {p.cause for p in report.problems} <= {"detached"}, f"seed {seed}"
         if not report.ok:
+            failed += 1
             assert {p.parameter for p in report.problems} == {"a.weight", "a.bias"}
             assert {p.where for p in report.problems} == {"inside Gated.forward, after 'a'"}
+    assert 0 < failed < 8  # the mask went both ways across these seeds
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -118,3 +121,38 @@ def test_a_healthy_step_copies_the_buffers_once_however_many_forwards_it_records
         assert len(copies) == step + 1
     model.b(model.a(model.norm(torch.randn(2, 4)))).sum().backward()  # the loop calls the sub-models itself
     assert guard.check().ok and len(copies) == 4
+
+
+class OneShot(nn.Module):
+    """Refuses a second forward (a consumed iterator, a one-shot cache): the guard's replay of it raises."""
+
+    def __init__(self, poison: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = linear(4, 4), linear(4, 4)
+        self.poison, self.calls = poison, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("one forward only")
+        return self.b(self.a(x).detach()) * (float("nan") if self.poison else 1.0)
+
+
+def test_a_replay_that_raises_is_said_not_hidden():
+    model = OneShot()
+    guard = GradientGuard(model)
+    model(torch.ones(2, 4)).sum().backward()
+    with pytest.warns(RuntimeWarning, match=r"could not replay the recorded forward .*RuntimeError: one forward only"):
+        report = guard.check(raise_error=False)
+    assert {p.parameter for p in report.problems} == {"a.weight", "a.bias"}
+
+
+def test_a_nan_source_replay_that_raises_does_not_claim_the_forward_is_finite():
+    model = OneShot(poison=True)
+    guard = GradientGuard(model, may_skip=["a.*"])  # only the non-finite search replays
+    model(torch.ones(2, 4)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="to find the NaN/Inf source"):
+        report = guard.check(raise_error=False)
+    assert {p.where for p in report.problems} == {
+        "step 1: the recorded forward could not be replayed; first non-finite gradient in backward order: 'b.weight'"
+    }

@@ -72,6 +72,8 @@ def test_a_stopped_and_resumed_run_logs_exactly_what_the_straight_run_logs(tmp_p
         train.train(compose_train(tmp_path, [*RUN, *stop]))
     except (SystemExit, RuntimeError) as stopped:  # TrainingInterrupted is a SystemExit; the crash a RuntimeError
         assert getattr(stopped, "code", 1) != 0
+    else:  # only the clean stop ends without an exception: a signal or crash that never came tests nothing
+        assert stop == ["trainer.max_epochs=1"], "the first run was not stopped"
     train.train(compose_train(tmp_path, [*RUN, "ckpt_path=auto"]))
     resumed = logged(tmp_path)
     if stop == ["trainer.max_epochs=1"]:  # the first run tested its 1-epoch model: rows the straight run lacks

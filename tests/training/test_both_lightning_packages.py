@@ -81,7 +81,7 @@ def two_stage() -> Sequential:
 
 
 @pytest.mark.parametrize("package", list(PACKAGES))
-def test_the_explicit_classes_of_each_package_train_with_that_packages_trainer(package):
+def test_the_explicit_classes_of_each_package_train_with_that_packages_trainer(package, tmp_path):
     api = PACKAGES[package]
     classes = {"lightning": for_lightning, "pytorch_lightning": for_pl}[package]
     module = classes.CompositeModule(two_stage(), nn.CrossEntropyLoss(), partial(torch.optim.SGD, lr=0.1))
@@ -89,7 +89,12 @@ def test_the_explicit_classes_of_each_package_train_with_that_packages_trainer(p
     assert isinstance(module, api.LightningModule) and isinstance(module, composites.CompositeModule)
     assert isinstance(plot, api.Callback) and isinstance(classes.DigitsDataModule(), api.LightningDataModule)
     trainer = api.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[plot]
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[plot],
+        default_root_dir=tmp_path,  # the plot's PNG goes there, not into the repository
     )
     trainer.fit(module, loader())
     assert trainer.global_step == 2 and module.report.ok

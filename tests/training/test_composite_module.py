@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from composites import CompositeModule, Conditional, GradientFlowError, Parallel, Sequential
+from composites import CompositeModule, Conditional, GradientFlowError, GradientGuardCallback, Parallel, Sequential
 from tests import ROOT
 
 ADAM = partial(torch.optim.Adam, lr=1e-3)
@@ -512,6 +512,15 @@ def test_setup_prepares_ddp_for_routed_branches():
         module.trainer = t
         module.setup("fit")
         assert t.strategy._ddp_kwargs.get("find_unused_parameters") is expected
+
+
+def test_setup_prepares_ddp_for_may_skip_parameters():
+    t = trainer(strategy="ddp", devices=2)  # nothing is launched before fit
+    guard = GradientGuardCallback("raise", may_skip=["encoder.*"])
+    module = CompositeModule(two_stage(), nn.CrossEntropyLoss(), ADAM, guard=guard)
+    module.trainer = t
+    module.setup("fit")
+    assert t.strategy._ddp_kwargs.get("find_unused_parameters") is True
 
 
 def test_load_balancing_adds_the_gates_auxiliary_loss_to_the_training_loss():

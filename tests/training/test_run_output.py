@@ -132,3 +132,15 @@ def test_a_sweep_ends_with_one_table_and_each_run_fills_its_train_log_without_no
         log = (tmp_path / job / "train.log").read_text()
         assert "`Trainer.fit` stopped" in log and "epoch 1/1  step 2" in log
     assert (tmp_path / "summary.csv").read_text().splitlines()[0] == "job,overrides,val/acc,test/acc,test/loss,status"
+
+
+def test_a_sweep_into_a_used_sweep_dir_keeps_the_earlier_summary(tmp_path):
+    from omegaconf import OmegaConf
+
+    from composites_hydra.run_output import RunOutput
+
+    (tmp_path / "summary.csv").write_text("first\n")
+    (tmp_path / "summary-1.csv").write_text("zeroth\n")
+    RunOutput().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary-1.csv", "summary-2.csv"]
+    assert (tmp_path / "summary-2.csv").read_text() == "first\n"
