@@ -13,6 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+# A tiny BERT-like text model, as Hugging Face config keywords: built in a blink, nothing downloaded, no dropout.
+TINY_TEXT = dict(vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+TINY_TEXT |= dict(max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
 
 def linear(n_in: int, n_out: int, w: float = 0.1, b: float = 0.0) -> nn.Linear:
     """A Linear with constant weight ``w`` and bias ``b``: exact outputs, no dead unit by accident."""

@@ -1,30 +1,20 @@
 """Hydra's submitit launcher (``-m hydra/launcher=slurm_cpu``) submitting real jobs."""
 
-import os
 import subprocess
-import sys
 
 import pytest
 
-from tests import ROOT
 from tests.cluster.slurm import TINY, needs_cluster, signal, steps, wait_for, wait_for_file, wait_for_text
+from tests.processes import TRAIN, repository_env
 
 pytestmark = [needs_cluster, pytest.mark.slow]
 
+SUBMITIT = [*TRAIN, "-m", "hydra/launcher=slurm_cpu"]  # a sweep, each point a job on the test cluster
+
 
 def test_a_two_point_sweep_submits_two_jobs_that_train_and_test_in_their_own_directories(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
-        "-m",
-        "hydra/launcher=slurm_cpu",
-        "+composite=sequential",
-        "seed=0,1",
-        *TINY,
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=3",
-        f"hydra.sweep.dir={tmp_path}",
-    ]
+    limits = ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]
+    command = [*SUBMITIT, "+composite=sequential", "seed=0,1", *TINY, *limits, f"hydra.sweep.dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # waits for the jobs
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     logs = sorted(tmp_path.glob(".submitit/*_*/*_0_log.out"))
@@ -41,12 +31,9 @@ def test_a_two_point_sweep_submits_two_jobs_that_train_and_test_in_their_own_dir
 def test_a_submitit_job_that_times_out_saves_is_requeued_by_submitit_and_resumes_at_that_step(tmp_path):
     # scancel --signal=USR2 is what SLURM sends signal_delay_s before the time limit of a submitit
     # job (--signal=USR2@<delay>), and what submitit's own job._interrupt(timeout=True) sends.
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the job imports tests.cluster.step_marks
+    env = repository_env()  # the job imports tests.cluster.step_marks
     command = [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
-        "-m",
-        "hydra/launcher=slurm_cpu",
+        *SUBMITIT,
         "hydra.launcher.tasks_per_node=2",
         "+composite=sequential",
         "trainer=ddp",

@@ -1,51 +1,22 @@
 """The guard under two-rank gloo DDP: one verdict on every rank, never a rank raising alone."""
 
 import json
-import socket
-import time
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 from tests.guard import ddp_workers
+from tests.processes import free_port, spawn_until_written
 
 TIMEOUT_S = 180  # a hang fails here; a slow, busy 2-core machine does not
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_ranks(scenario: str, out_dir: Path) -> dict[int, list]:
-    """Each rank's verdicts, as soon as both have written them; fails (never hangs) past the deadline.
-
-    What is under test is what the ranks report; a rank slow to tear its process group down
-    afterwards is not waited for.
-    """
-    procs = mp.start_processes(
-        ddp_workers.run, args=(2, free_port(), scenario, str(out_dir)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
+    """Each rank's verdicts, as soon as both have written them; fails (never hangs) past the deadline."""
     paths = {rank: out_dir / f"rank{rank}.json" for rank in (0, 1)}
-    try:
-        while not all(path.exists() for path in paths.values()):
-            reported = sorted(rank for rank, path in paths.items() if path.exists())
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP scenario '{scenario}': only ranks {reported} reported within {TIMEOUT_S}s")
-            codes = [p.exitcode for p in procs.processes]
-            if any(code not in (None, 0) for code in codes) and not all(path.exists() for path in paths.values()):
-                pytest.fail(
-                    f"DDP scenario '{scenario}': a rank died (exit codes {codes}) after ranks {reported} reported"
-                )
-            time.sleep(0.2)
-    finally:
-        for p in procs.processes:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    args = (2, free_port(), scenario, str(out_dir))
+    if failed := spawn_until_written(ddp_workers.run, args, paths.values(), TIMEOUT_S):
+        pytest.fail(f"DDP scenario '{scenario}': {failed}")
     return {rank: json.loads(path.read_text()) for rank, path in paths.items()}
 
 

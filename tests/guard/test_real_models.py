@@ -17,13 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from composites import GradientFlowError, GradientGuard
+from tests.stand_ins import TINY_TEXT as TEXT
 
 T = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
 IDS = torch.arange(16).remainder(97).view(2, 8) + 2  # no pad (0) or special tokens
-TEXT = dict(vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
-TEXT |= dict(max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 PIXELS = torch.linspace(-1, 1, 2 * 3 * 16 * 16).view(2, 3, 16, 16)
 SEQ2SEQ = dict(decoder_start_token_id=0, pad_token_id=0, bos_token_id=0, eos_token_id=1)
 
@@ -130,25 +129,30 @@ def test_a_clean_real_model_passes_with_every_parameter_checked(arch):
 # --- injected bugs: exact parameter sets and causes ---------------------------------------------------------------
 
 
-def test_a_detach_injected_after_the_first_bert_layer_cuts_off_exactly_the_embeddings_and_that_layer():
-    model = bert()
-    detach_output(model.bert.encoder.layer[0])
-    found, _ = outcome(model, dict(input_ids=IDS))
-    assert found == dict.fromkeys(names(model, "bert.embeddings.*", "bert.encoder.layer.0.*"), "detached")
-
-
-def test_no_grad_injected_around_a_vit_layer_names_it_and_everything_before_it_no_grad():
-    model = vit()
-    run_under_no_grad(model.vit.layers[1])
-    found, _ = outcome(model, dict(pixel_values=PIXELS))
-    assert found == dict.fromkeys(names(model, "vit.embeddings.*", "vit.layers.0.*", "vit.layers.1.*"), "no_grad")
-
-
-def test_a_detach_inside_a_resnet_stage_names_the_stem_and_the_first_stage():
-    model = resnet()
-    detach_output(model.resnet.encoder.stages[0])
-    found, _ = outcome(model, dict(pixel_values=PIXELS))
-    assert found == dict.fromkeys(names(model, "resnet.embedder.*", "resnet.encoder.stages.0.*"), "detached")
+@pytest.mark.parametrize(
+    ("arch", "layer", "bug", "cause", "cut_off"),
+    [
+        ("bert", "bert.encoder.layer.0", detach_output, "detached", ["bert.embeddings.*", "bert.encoder.layer.0.*"]),
+        ("vit", "vit.layers.1", run_under_no_grad, "no_grad", ["vit.embeddings.*", "vit.layers.0.*", "vit.layers.1.*"]),
+        (
+            "resnet",
+            "resnet.encoder.stages.0",
+            detach_output,
+            "detached",
+            ["resnet.embedder.*", "resnet.encoder.stages.0.*"],
+        ),
+    ],
+    ids=[
+        "a detach injected after the first bert layer cuts off exactly the embeddings and that layer",
+        "no_grad injected around a vit layer names it and everything before it no_grad",
+        "a detach inside a resnet stage names the stem and the first stage",
+    ],
+)
+def test_an_injected_bug_names_exactly_the_parameters_it_cut_off_with_its_cause(arch, layer, bug, cause, cut_off):
+    model, batch = CLEAN[arch]()
+    bug(model.get_submodule(layer))
+    found, _ = outcome(model, batch)
+    assert found == dict.fromkeys(names(model, *cut_off), cause)
 
 
 def test_a_bert_pooler_left_out_of_the_loss_is_not_in_loss():
@@ -222,22 +226,10 @@ def ran_layers(layers: nn.ModuleList) -> set[int]:
 
 
 def bart(layerdrop: float) -> nn.Module:
-    config = T.BartConfig(
-        vocab_size=99,
-        d_model=16,
-        encoder_layers=4,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
-        encoder_layerdrop=layerdrop,
-        decoder_layerdrop=0.0,
-        dropout=0.0,
-        **SEQ2SEQ,
-    )
-    return T.BartForConditionalGeneration(config)
+    sizes = dict(vocab_size=99, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    layers = dict(encoder_layers=4, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2)
+    drop = dict(encoder_layerdrop=layerdrop, decoder_layerdrop=0.0, dropout=0.0)
+    return T.BartForConditionalGeneration(T.BartConfig(**sizes, **layers, **drop, **SEQ2SEQ))
 
 
 def test_bart_layerdrop_without_may_skip_names_exactly_the_dropped_layers_unused():
@@ -261,20 +253,9 @@ def test_bart_layerdrop_with_may_skip_passes_and_lists_the_dropped_layers_inacti
 
 
 def switch_transformer() -> nn.Module:
-    config = T.SwitchTransformersConfig(
-        vocab_size=99,
-        d_model=16,
-        d_ff=32,
-        d_kv=8,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=2,
-        num_experts=8,
-        encoder_sparse_step=1,
-        decoder_sparse_step=1,
-        **SEQ2SEQ,
-    )
-    return T.SwitchTransformersForConditionalGeneration(config)
+    sizes = dict(vocab_size=99, d_model=16, d_ff=32, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=2)
+    experts = dict(num_experts=8, encoder_sparse_step=1, decoder_sparse_step=1)  # every layer sparse
+    return T.SwitchTransformersForConditionalGeneration(T.SwitchTransformersConfig(**sizes, **experts, **SEQ2SEQ))
 
 
 def expert_params_that_got_no_gradient(model: nn.Module) -> set[str]:

@@ -10,23 +10,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composites import CompositeModule, GradientGuard, Sequential, StageError
-from tests.stand_ins import with_grad
+from tests.stand_ins import TINY_TEXT, with_grad
 
 transformers = pytest.importorskip("transformers")
 
 
 def bert(pooler: bool = True) -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=32,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = transformers.BertConfig(**TINY_TEXT | dict(vocab_size=32, num_hidden_layers=1, max_position_embeddings=16))
     return transformers.BertModel(config, add_pooling_layer=pooler)
 
 

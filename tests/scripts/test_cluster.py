@@ -1,8 +1,6 @@
 """Scale-out presets: DDP on CPU through gloo with a Conditional, FSDP1 pointed to FSDP2, SLURM configs."""
 
-import os
 import subprocess
-import sys
 
 import pytest
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
@@ -12,7 +10,17 @@ from composites import Conditional, Sequential
 from composites.training.strategy import prepare_strategy
 from composites_hydra import resume_path
 from composites_hydra.build import CONFIG_DIR
+from tests.processes import TRAIN, repository_env
 from tests.scripts.train_helpers import ROOT, compose_train
+
+# One epoch of scripts/train.py on two gloo ranks on this machine's CPU, quietly.
+TWO_CPU_RANKS = [
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def test_ddp_without_routing_is_left_alone_and_fsdp1_with_the_guard_points_to_fsdp2():
@@ -72,20 +80,8 @@ def test_auto_resume_picks_what_the_run_directory_holds(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_run_of_the_script_with_a_conditional_finishes(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
-        "+composite=conditional",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=4",
-        "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=2",
-        "trainer.enable_progress_bar=false",
-        f"hydra.run.dir={tmp_path}",
-    ]
+    limits = ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+    command = [*TRAIN, "+composite=conditional", *TWO_CPU_RANKS, *limits, f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
@@ -96,19 +92,9 @@ def test_two_process_gloo_ddp_run_of_the_script_with_a_conditional_finishes(tmp_
 
 @pytest.mark.slow
 def test_under_two_process_ddp_a_detached_encoder_stops_every_rank_with_the_same_table(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
-        "+composite=sequential",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false",
-        "model.stages.encoder._target_=tests.scripts.broken_models.DetachedConvEncoder",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    detached = "model.stages.encoder._target_=tests.scripts.broken_models.DetachedConvEncoder"
+    command = [*TRAIN, "+composite=sequential", *TWO_CPU_RANKS, detached, f"hydra.run.dir={tmp_path}"]
+    env = repository_env()
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)  # fails, never hangs
     out = done.stdout + done.stderr
     assert done.returncode != 0

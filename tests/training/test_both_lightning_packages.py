@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
-import sys
 from functools import partial
 
 import lightning as L
@@ -20,7 +17,7 @@ from composites import Sequential
 from composites.training import chosen_package, using_lightning
 from composites.training import lightning as for_lightning
 from composites.training import pytorch_lightning as for_pl
-from tests import ROOT
+from tests.processes import run_script
 
 PACKAGES = {"lightning": L, "pytorch_lightning": pl}
 
@@ -56,12 +53,7 @@ print("later", package_of(CompositeModule(model, nn.CrossEntropyLoss(), partial(
 def test_a_script_importing_one_lightning_package_trains_composites_classes_with_its_trainer(
     tmp_path, import_line, package
 ):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    script = tmp_path / "user.py"
-    script.write_text(USER_SCRIPT.format(import_line=import_line))
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    done = run_script(tmp_path / "user.py", USER_SCRIPT.format(import_line=import_line), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert lines[0] == "before []"  # importing composites imports no Lightning

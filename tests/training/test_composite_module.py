@@ -13,7 +13,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composites import CompositeModule, Conditional, GradientFlowError, GradientGuardCallback, Parallel, Sequential
-from tests import ROOT
 
 ADAM = partial(torch.optim.Adam, lr=1e-3)
 
@@ -475,17 +474,10 @@ json.dump({"logged": logged, "seen": seen}, open(f"{sys.argv[1]}/rank{trainer.gl
 @pytest.mark.slow
 def test_val_loss_and_metrics_under_ddp_are_the_global_sample_weighted_values_on_every_rank(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
-    script = tmp_path / "ddp_validate.py"
-    script.write_text(DDP_VALIDATE)
-    root = str(ROOT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
+    from tests.processes import run_script
+
+    done = run_script(tmp_path / "ddp_validate.py", DDP_VALIDATE, str(tmp_path), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     seen = [row for rank in ranks for row in rank["seen"]]  # 21 samples over both ranks

@@ -1,28 +1,19 @@
 """FSDP2 through Lightning on two gloo ranks: sharded per sub-model, guarded, resumable, never hanging."""
 
 import json
-import socket
-import time
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from composites import Conditional, Parallel, Sequential
 from composites.training import FSDP2Strategy
 from composites.training.sharding import composite_units, full_checkpoint, units_matching
 from composites.training.strategy import configure_sharding
+from tests.processes import free_port, spawn_until_written
 from tests.training import fsdp_workers
 
 TIMEOUT_S = 240  # every scenario of both ranks; a hang fails here, a slow, busy 2-core machine does not
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,25 +23,12 @@ def outcomes(tmp_path_factory) -> dict[str, dict[int, dict]]:
     A scenario neither rank reported is missing from the result: its test fails on its own.
     """
     out = tmp_path_factory.mktemp("fsdp")
-    procs = mp.start_processes(
-        fsdp_workers.run, args=(2, free_port(), str(out)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
     paths = {(s, r): out / f"{s}.rank{r}.json" for s in fsdp_workers.SCENARIOS for r in (0, 1)}
-    try:
-        while not all(p.exists() for p in paths.values()) and time.monotonic() < deadline:
-            if any(p.exitcode not in (None, 0) for p in procs.processes):
-                break  # a rank died: what was written so far is the result
-            time.sleep(0.2)
-    finally:
-        for p in procs.processes:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    spawn_until_written(fsdp_workers.run, (2, free_port(), str(out)), paths.values(), TIMEOUT_S)  # a death: ends early
     found: dict[str, dict] = {"folder": {"out": out}}
     for (scenario, rank), path in paths.items():
         if path.exists():
-            found.setdefault(scenario, {})[rank] = json.loads(Path(path).read_text())
+            found.setdefault(scenario, {})[rank] = json.loads(path.read_text())
     return found
 
 

@@ -190,18 +190,10 @@ except GradientFlowError as error:
 @pytest.mark.slow
 def test_under_lightning_ddp_a_routed_users_module_trains_and_a_cut_raises_on_rank_zero(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
-    from tests import ROOT
+    from tests.processes import run_script
 
-    script = tmp_path / "ddp_guard.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    done = run_script(tmp_path / "ddp_guard.py", DDP_SCRIPT, str(tmp_path), timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == {"steps": 2, "ok": True, "inactive": ["experts.b.bias", "experts.b.weight"]}, done.stderr[-3000:]
     assert ranks[1] == {"steps": 2, "ok": True, "inactive": ["experts.a.bias", "experts.a.weight"]}

@@ -15,6 +15,7 @@ from composites import CompositeModule, GradientFlowError, Sequential
 from composites.modules import PretrainedKeysError, load_pretrained
 from composites.training import FreezeSubmodels
 from composites_hydra import build_node
+from tests.processes import run_script
 
 
 def loader() -> DataLoader:
@@ -87,26 +88,22 @@ def test_a_sub_model_loads_from_an_earlier_runs_checkpoint_by_key_prefix(earlier
     assert not load_pretrained(nn.Linear(8, 3), path, prefix="model.head.", freeze=True).weight.requires_grad
 
 
+def pretrained_encoder_node(path, prefix: str) -> dict:
+    """The YAML of an encoder sub-model wrapped in load_pretrained, as a config holds it."""
+    module = {"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 8}
+    return {"_target_": "composites.modules.load_pretrained", "module": module, "path": str(path), "prefix": prefix}
+
+
 def test_yaml_wraps_the_sub_model_node_in_load_pretrained(earlier_run):
     path, trained = earlier_run
-    node = {
-        "_target_": "composites.modules.load_pretrained",
-        "module": {"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 8},
-        "path": str(path),
-        "prefix": "model.encoder.",
-    }
+    node = pretrained_encoder_node(path, prefix="model.encoder.")
     encoder = build_node(node)
     assert isinstance(encoder, nn.Linear) and torch.equal(encoder.weight, trained.encoder.weight)
 
 
 def test_through_hydra_the_error_keeps_its_lines(earlier_run):
     path, _ = earlier_run
-    node = {
-        "_target_": "composites.modules.load_pretrained",
-        "module": {"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 8},
-        "path": str(path),
-        "prefix": "encoder.",
-    }
+    node = pretrained_encoder_node(path, prefix="encoder.")
     with pytest.raises(InstantiationException) as caught:  # Hydra shows repr(error) of a failed _target_
         build_node(node)
     assert (
@@ -266,18 +263,7 @@ torch.save({"initial": initial, "epochs": snapshots.weights}, f"{sys.argv[1]}/ra
 
 @pytest.mark.slow
 def test_under_ddp_the_unfrozen_sub_model_trains_in_step_on_every_rank(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from tests import ROOT
-
-    script = tmp_path / "ddp_freeze.py"
-    script.write_text(DDP_FREEZE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
+    done = run_script(tmp_path / "ddp_freeze.py", DDP_FREEZE, str(tmp_path), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for rank in ranks:  # frozen in epoch 0 (DDP ran with the encoder unused), trained in epoch 1

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 import warnings
 from functools import partial
 
@@ -19,6 +17,7 @@ from composites import CompositeModule, Sequential
 from composites.training import TerminalProgress, quiet_lightning, route_lightning_logs
 from composites.training.run_output import LIGHTNING_LOGGERS
 from tests import ROOT
+from tests.processes import TRAIN, repository_env
 
 
 def loader(n: int = 16) -> DataLoader:
@@ -106,10 +105,8 @@ def test_logger_tensorboard_works_out_of_the_box(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_ends_with_one_table_and_each_run_fills_its_train_log_without_noise(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
+        *TRAIN,
         "-m",
         "+composite=sequential",
         "seed=0,1",
@@ -119,7 +116,7 @@ def test_a_sweep_ends_with_one_table_and_each_run_fills_its_train_log_without_no
         "trainer.limit_test_batches=1",
         f"hydra.sweep.dir={tmp_path}",  # RunOutput and TerminalProgress as configs/ wire them
     ]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    done = subprocess.run(command, cwd=tmp_path, env=repository_env(), capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
     table = out[out.index("sweep of 2 runs") :].splitlines()[2:5]
