@@ -124,7 +124,11 @@ class StepCheckpoint(Flavoured):
         if self.every_minutes is None:
             return False
         late = time.monotonic() - self._saved_at >= 60 * self.every_minutes
-        if trainer.world_size > 1:  # clocks differ between ranks: one agreed answer
+        if trainer.world_size > 1:
+            # clocks differ between ranks, so the answer is agreed by a collective: only on the steps
+            # Lightning logs, not on every step (a few steps late on a 10-minute cadence costs nothing)
+            if step % max(1, trainer.log_every_n_steps) != 0:
+                return False
             late = trainer.strategy.reduce_boolean_decision(late, all=False)
         return late
 

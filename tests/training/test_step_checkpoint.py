@@ -1,0 +1,36 @@
+"""StepCheckpoint's cadence: under DDP the time-based save is agreed by a collective only on logged steps."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from composites.training import StepCheckpoint
+
+
+class Ranks:
+    """A two-rank trainer as the callback sees it: the global step, the logging cadence, the agreement."""
+
+    def __init__(self, log_every_n_steps: int):
+        self.world_size, self.log_every_n_steps, self.global_step = 2, log_every_n_steps, 0
+        self.is_last_batch = self.sanity_checking = False
+        self.agreements: list[int] = []  # the steps at which a collective ran
+        self.saves: list[int] = []
+        self.strategy = SimpleNamespace(reduce_boolean_decision=self._agree)
+
+    def _agree(self, decision: bool, all: bool = True) -> bool:
+        self.agreements.append(self.global_step)
+        return decision
+
+    def save_checkpoint(self, path) -> None:
+        self.saves.append(self.global_step)
+
+
+def test_under_ddp_the_time_cadence_costs_a_collective_only_on_logged_steps(tmp_path):
+    callback = StepCheckpoint(tmp_path, every_n_steps=None, every_minutes=1e-9)  # always late
+    trainer = Ranks(log_every_n_steps=5)
+    for _ in range(12):
+        callback.on_train_batch_start(trainer, None, None, 0)
+        trainer.global_step += 1  # this batch stepped the optimizer
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert trainer.agreements == [5, 10]
+    assert trainer.saves == [5, 10]
