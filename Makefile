@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-fast lint bench clean
+.PHONY: install train test test-fast lint format bench clean
 
 install: $(STAMP)
 
