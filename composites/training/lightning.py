@@ -1,9 +1,7 @@
 """composites' Lightning classes for the unified ``lightning`` package (``import lightning as L``; ``L.Trainer``).
 
-For a program that imports both Lightning packages: ``from composites.training.lightning import CompositeModule``
-(also ``GradientGuardCallback``, ``GradNormPlot``, ``DigitsDataModule``, ...: every name in
-``WRITTEN_ONCE`` in :mod:`composites.training.flavours`). Each is the class written once in composites, made a
-subclass of this package's ``LightningModule`` / ``Callback`` / ``LightningDataModule``.
+For a program that imports both packages: ``from composites.training.lightning import CompositeModule``
+(every name in ``WRITTEN_ONCE``, see :mod:`composites.training.flavours`).
 """
 
 from .flavours import WRITTEN_ONCE, materialise
