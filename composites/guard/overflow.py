@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .dtensors import local
 from .finite import any_non_finite
-from .sharded import local
 
 
 class FiniteCheck:

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from composites import CompositeModule, Conditional, GradientFlowError, GradientGuardCallback, GradNormPlot
-from composites.training import GUARD_MODES, GuardMode
+from composites import CompositeModule, Conditional, GradientFlowError, GradientGuardCallback
+from composites.training import GUARD_MODES, GradNormPlot, GuardMode
 
 
 class Detached(nn.Module):

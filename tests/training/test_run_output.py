@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from composites import CompositeModule, Sequential
 from composites.training import TerminalProgress, quiet_lightning, route_lightning_logs
-from composites.training.run_output import LIGHTNING_LOGGERS
+from composites.training.logs import LIGHTNING_LOGGERS
 from tests import ROOT
 from tests.processes import TRAIN, repository_env
 
