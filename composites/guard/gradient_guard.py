@@ -246,3 +246,18 @@ class GradientGuard:
         if self._sharded is not None:  # whole parameters, not this rank's shard (a collective: every rank calls it)
             return self._sharded.grad_norms(self.names, self.params, self.submodels)
         return grouped_grad_norms(zip(self.names, self.params), self.submodels)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the guard's hooks are on the model (:meth:`remove` takes them off)."""
+        return bool(self._handles or self._param_handles)
+
+    @property
+    def reached(self) -> list[str]:
+        """Names of the parameters a backward reached since the last check (each check starts afresh)."""
+        return [self.names[i] for i in sorted(self._reached)]
+
+    @property
+    def recorded_calls(self) -> list[RecordedCall]:
+        """The forward calls kept for a replay until the next check: the model's own, else its children's."""
+        return list(self._root_calls or self._calls)
