@@ -23,7 +23,8 @@ class _Handle:
     """Removes one parameter's mark (and its hook on the unsharded tensor, if placed)."""
 
     def __init__(self, sharded: ShardedArrivals, index: int):
-        self.sharded, self.index = sharded, index
+        self.sharded = sharded
+        self.index = index
 
     def remove(self) -> None:
         self.sharded.marks.pop(self.index, None)
