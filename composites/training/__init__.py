@@ -10,22 +10,11 @@ on first use: importing this package imports no Lightning.
 from .callbacks.gradient_guard import GUARD_MODES, GuardMode
 from .callbacks.non_finite import NonFiniteCheckpointError, NonFiniteStepsError
 from .logs import quiet_lightning, route_lightning_logs
-from .packages import lightning_api, package_of
+from .packages import LIGHTNING_CLASSES, lightning_api, package_of
 from .resumable_loader import ResumableLoader
 
 __all__ = [
-    # the pytorch_lightning classes (composites.training.lightning holds the same names for lightning)
-    "CompositeModule",
-    "GradientGuardCallback",
-    "GradNormPlot",
-    "DigitsDataModule",
-    "TerminalProgress",
-    "StepCheckpoint",
-    "SignalCheckpoint",
-    "ResumeState",
-    "FreezeSubmodels",
-    "FSDP2Strategy",
-    # the rest
+    *LIGHTNING_CLASSES,  # the pytorch_lightning classes (composites.training.lightning has the lightning ones)
     "AtomicCheckpointIO",
     "TrainingInterrupted",
     "GUARD_MODES",
@@ -50,7 +39,7 @@ def __getattr__(name: str):
         from .callbacks.signal_checkpoint import TrainingInterrupted
 
         return TrainingInterrupted
-    if name in __all__ and not name.startswith("__"):
+    if name in LIGHTNING_CLASSES:
         from . import pytorch_lightning
 
         return getattr(pytorch_lightning, name)

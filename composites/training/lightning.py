@@ -21,20 +21,10 @@ from .callbacks.progress import TerminalProgressBase
 from .callbacks.resume_state import ResumeStateBase
 from .callbacks.signal_checkpoint import SignalCheckpointBase
 from .module import CompositeModuleBase
+from .packages import LIGHTNING_CLASSES
 from .strategies.fsdp2 import FSDP2StrategyBase
 
-__all__ = [
-    "CompositeModule",
-    "GradientGuardCallback",
-    "GradNormPlot",
-    "DigitsDataModule",
-    "TerminalProgress",
-    "StepCheckpoint",
-    "SignalCheckpoint",
-    "ResumeState",
-    "FreezeSubmodels",
-    "FSDP2Strategy",
-]
+__all__ = list(LIGHTNING_CLASSES)  # each declared below
 
 
 class CompositeModule(CompositeModuleBase, L.LightningModule):

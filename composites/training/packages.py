@@ -24,6 +24,19 @@ from ..modules import is_under
 
 PACKAGES = ("pytorch_lightning", "lightning")  # composites' own dependency first
 API = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}  # where each keeps its classes
+# composites' Lightning classes: each declared in composites.training.pytorch_lightning and .lightning
+LIGHTNING_CLASSES = (
+    "CompositeModule",
+    "GradientGuardCallback",
+    "GradNormPlot",
+    "DigitsDataModule",
+    "TerminalProgress",
+    "StepCheckpoint",
+    "SignalCheckpoint",
+    "ResumeState",
+    "FreezeSubmodels",
+    "FSDP2Strategy",
+)
 
 
 def package_name(name: str) -> str:
