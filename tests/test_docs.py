@@ -29,6 +29,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -377,3 +378,28 @@ def test_representative_commands_run_end_to_end(tmp_path):
             points = len(sweep_points(split_train_args(list(command.words[2:]), command.where)[1]))
             assert f"sweep of {points} runs" in out, out[-4000:]
             assert len(re.findall(r"^\d+ .* ok$", out, flags=re.M)) == points, out[-4000:]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "make nothing-of-the-kind",
+        "python scripts/train.py +composite=nonexistent",
+        "python scripts/train.py +composite=parallel trainer.max_epoch=1",
+        "python scripts/train.py -m +composite=parallel seed=0,one",
+        "python scripts/train.py --cfg job +composite=parallel",
+        "python scripts/nothing.py",
+        "python -m benchmarks --only nothing",
+        "sbatch scripts/slurm/nothing.sbatch",
+        "sbatch -N 2 scripts/slurm/train.sbatch",
+        "srun --ntasks=2 python scripts/train.py +composite=parallel optimizer=nothing",
+        "pip install -e '.[nothing]'",
+        "python scripts/train.py +composite=parallel hydra.run.dir=<run dir>",
+        "frobnicate --all",
+    ],
+)
+def test_a_wrong_command_fails_its_check(line, tmp_path, monkeypatch):
+    block = Block(ROOT / "docs" / "example.md", 1, "bash", line + "\n")
+    (command,) = commands(block)
+    with pytest.raises((AssertionError, pytest.fail.Exception, HydraException)):
+        test_bash_command_is_what_the_repository_runs(command, tmp_path, monkeypatch)
