@@ -4,10 +4,11 @@
   ``>>>`` is a doctest (its printed output must match), any other block is executed.
 - ```bash commands: ``python scripts/train.py ...`` (and ``diagnose.py``, ``srun ...`` and the
   arguments of ``sbatch scripts/slurm/train.sbatch``) are composed with Hydra's compose API and
-  built (``composites_hydra.build``), every point of a sweep; ``make X`` must be a Makefile
+  built (``composites_hydra.build``): every point of a sweep composed, each choice of config
+  groups built; ``make X`` must be a Makefile
   target; ``python -m benchmarks`` arguments go through the benchmarks' own parser; scripts and
   paths must exist. A command with no checker fails: add one here.
-- A few representative commands run end to end, one subprocess each, with fast overrides.
+- Representative commands (``END_TO_END``) run end to end, one subprocess each, with fast overrides.
 - ```yaml blocks parse, and each ``_target_`` in them can be imported.
 - The only way out for a block is ``<!-- docs-test: needs cuda -->`` on the line before its
   fence (code a CPU-only machine cannot run at all); it runs wherever CUDA is.
@@ -49,8 +50,8 @@ COMMANDS = [c for b in ALL_BLOCKS if b.language == "bash" for c in commands(b)]
 MAX_MARKED = 2  # blocks that may sit out a CPU-only run, over all pages
 
 # Run end to end (page, the command's first words): the README's Hydra example, a sweep, which goes
-# through train.py, the guard's YAML options and the sweep table. One fresh interpreter costs a
-# third of this file's budget (30 s); tests/scripts/ run the scripts end to end otherwise.
+# through train.py, the guard's YAML options and the sweep table. A fresh interpreter with Lightning
+# is by far the dearest check here, so one; tests/scripts/ run the scripts end to end otherwise.
 END_TO_END = [
     ("README.md", ("python", "scripts/train.py", "-m", "+composite=conditional")),
 ]
