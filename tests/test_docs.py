@@ -40,7 +40,6 @@ from composites_hydra.build import CONFIG_DIR
 from tests import ROOT
 from tests.docs_blocks import LANGUAGES, NEEDS, PAGES, Block, Command, anchors, blocks, commands, links, table_column
 from tests.processes import repository_env
-from tests.scripts.train_helpers import QUICK
 
 README = ROOT / "README.md"
 MAKE_TARGETS = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
@@ -54,6 +53,14 @@ MAX_MARKED = 2  # blocks that may sit out a CPU-only run, over all pages
 # is by far the dearest check here, so one; tests/scripts/ run the scripts end to end otherwise.
 END_TO_END = [
     ("README.md", ("python", "scripts/train.py", "-m", "+composite=conditional")),
+]
+FAST = [  # appended to an end-to-end command: a few batches, no progress bar, no PNG (matplotlib is slow to import)
+    "trainer.enable_progress_bar=false",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "~callbacks.gradient_plot",
 ]
 
 
@@ -349,7 +356,7 @@ def start(words: tuple[str, ...], tmp_path: Path) -> subprocess.Popen:
     """A documented train.py command in a fresh interpreter, in its own directory, with fast overrides."""
     run_dir = ["hydra.sweep.dir=sweep"] if "-m" in words else ["hydra.run.dir=run"]
     return subprocess.Popen(
-        [sys.executable, str(ROOT / words[1]), *words[2:], *QUICK, *run_dir],
+        [sys.executable, str(ROOT / words[1]), *words[2:], *FAST, *run_dir],
         cwd=tmp_path,
         env=repository_env(),
         stdout=subprocess.PIPE,
