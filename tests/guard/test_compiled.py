@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from composites import CompositeModule, Conditional, GradientFlowError, GradientGuard, Parallel, Sequential
 from tests.guard.buggy_models import DetachInside, NoGradInside
-from tests.stand_ins import linear
+from tests.stand_ins import CompileSpy, linear
 
 X = torch.ones(4, 3)
 EAGER = partial(torch.compile, backend="eager")
@@ -213,3 +213,20 @@ def test_inductor_compiled_layerdrop_names_the_skipped_layers_unused_like_eager_
         assert {name: cause for name, (cause, _) in problems.items()} == dict.fromkeys(skipped, "unused")
     assert any(skipped for _, skipped in compiled) and any(len(s) < 8 for _, s in compiled)
     assert inductor.fallback_random is False  # on only while the guarded model ran
+
+
+def test_inductor_draws_as_eager_code_only_while_the_guarded_model_runs_also_when_it_raises():
+    from torch._inductor import config as inductor
+
+    model, spy = LayerDrop(), CompileSpy()
+    guard = GradientGuard(model, may_skip=["layers.*"])
+    compiled = torch.compile(model, backend=spy)
+    compiled(torch.ones(2, 4)).sum().backward()
+    assert guard.check().ok
+    assert spy.fallback_random and all(spy.fallback_random) and inductor.fallback_random is False
+    with pytest.raises(RuntimeError):  # a shape mismatch, found while Dynamo traces
+        compiled(torch.ones(2, 5))
+    assert inductor.fallback_random is False
+    with torch._inductor.config.patch(fallback_random=True):  # a user's own setting is kept
+        compiled(torch.ones(2, 4))
+        assert inductor.fallback_random is True

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from composites import GradientFlowError, GradientGuard
 from tests.stand_ins import TINY_TEXT as TEXT
+from tests.stand_ins import CompileSpy
 
 T = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -298,24 +299,7 @@ def test_nllb_moe_with_every_decoder_layer_dropped_calls_the_encoder_not_in_loss
 
 
 # --- compiled: every graph compiled for the guarded model draws random numbers as eager code does --------------------
-
-
-class CompileSpy:
-    """A ``torch.compile`` backend that notes Inductor's ``fallback_random`` as each graph reaches it, then runs the graph eagerly.
-
-    What Inductor would compile there it would compile under that setting; Inductor itself is
-    not run (minutes per real model on this CPU): tests/guard/test_compiled.py runs it on a
-    LayerDrop stand-in.
-    """
-
-    def __init__(self) -> None:
-        self.fallback_random: list[bool] = []
-
-    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        from torch._inductor import config
-
-        self.fallback_random.append(config.fallback_random)
-        return graph.forward
+# (Inductor itself, minutes per real model on this CPU, runs on a LayerDrop stand-in in tests/guard/test_compiled.py)
 
 
 def wavlm() -> nn.Module:
