@@ -41,7 +41,9 @@ class GradientGuard:
     Args:
         model: any ``nn.Module``; composites add branch names and routing knowledge. A
             ``torch.compile``-d model (or one compiled after the guard was built) is checked
-            the same way, its parameters named as in the eager model.
+            the same way, its parameters named as in the eager model; the graphs compiled
+            during its calls draw random numbers as eager code does (Inductor's
+            ``fallback_random``), so the replay takes the path the compiled forward took.
         optimizer: when given, trainable parameters it does not hold are reported
             (``not_in_optimizer``); also settable later with :meth:`set_optimizer`.
         check_finite: also report NaN/Inf gradients (``non_finite``); a failing check names
