@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from .signatures import is_target_node, iter_problems
 
 
 def _error(message: str) -> Exception:
@@ -44,15 +46,8 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if isinstance(lr, (int, float)) and lr == 0:
         warnings.warn("optimizer.lr=0: the optimizer will not change any weight", stacklevel=2)
-    trainer = OmegaConf.select(cfg, "trainer") or {}
-    devices, cores = trainer.get("devices"), os.cpu_count() or 1
-    if "ddp" in str(trainer.get("strategy", "")) and trainer.get("accelerator") == "cpu":
-        if isinstance(devices, int) and devices > cores:
-            warnings.warn(
-                f"trainer.devices={devices} CPU processes on {cores} cores: they share the cores and run slower than "
-                f"{cores}; use trainer.devices<={cores}",
-                stacklevel=2,
-            )
+    _check_processes(OmegaConf.select(cfg, "trainer") or {})
+    _check_monitor_mode(cfg)
     for override in overrides:
         key, _, value = override.partition("=")
         if value.strip() == "{}" and not key.startswith(("+", "~")):
@@ -63,6 +58,137 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
                     f"({', '.join(map(str, node))}); drop one entry with ~{key}.<name>",
                     stacklevel=2,
                 )
+
+
+def _check_processes(trainer: Any) -> None:
+    """Warn when a CPU run starts more processes than the machine has cores, whatever starts them.
+
+    Lightning starts one process per device for any multi-device strategy (``ddp``, ``ddp_spawn``,
+    ``fsdp``, ``auto`` with ``devices>1``, a ``_target_`` strategy), not only for one named ddp.
+    """
+    devices, cores = trainer.get("devices"), os.cpu_count() or 1
+    count = len(devices) if isinstance(devices, Sequence) and not isinstance(devices, str) else devices
+    if isinstance(count, str) and count.strip().isdigit():
+        count = int(count)
+    accelerator = str(trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not _has_accelerator())
+    if on_cpu and isinstance(count, int) and not isinstance(count, bool) and count > cores:
+        strategy = trainer.get("strategy", "auto")
+        strategy = strategy.get("_target_", strategy) if isinstance(strategy, Mapping) else strategy
+        warnings.warn(
+            f"trainer.devices={devices} starts {count} CPU processes (strategy {strategy}) on {cores} cores: they share "
+            f"the cores, so each step runs slower than with {cores} processes; use trainer.devices<={cores}",
+            stacklevel=3,
+        )
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+# Words in a metric's name that say which way it is best (split at / _ - .): a loss is best low, a score high.
+LOWER_IS_BETTER = {"loss", "nll", "error", "err", "mse", "mae", "rmse", "perplexity", "ppl", "wer", "cer"}
+HIGHER_IS_BETTER = {"acc", "accuracy", "f1", "auroc", "auc", "ap", "map", "precision", "recall", "iou", "dice", "r2"}
+
+
+def metric_direction(name: str) -> str | None:
+    """``"min"`` or ``"max"`` when the metric's name says how it is best, else ``None``.
+
+    >>> metric_direction("val/loss"), metric_direction("val/acc"), metric_direction("train/f1_epoch"), metric_direction("val/x")
+    ('min', 'max', 'max', None)
+    """
+    words = set(re.split(r"[/_.\-]", name.lower()))
+    low, high = bool(words & LOWER_IS_BETTER), bool(words & HIGHER_IS_BETTER)
+    return None if low == high else ("min" if low else "max")
+
+
+def _check_monitor_mode(cfg: DictConfig) -> None:
+    """Refuse a ``monitor_mode`` that keeps the worst checkpoint of a metric whose direction is known."""
+    monitor, mode = OmegaConf.select(cfg, "monitor"), OmegaConf.select(cfg, "monitor_mode")
+    mode = getattr(mode, "value", mode)  # the schema's enum
+    direction = metric_direction(str(monitor)) if monitor else None
+    if mode is None or direction is None or mode == direction:
+        return
+    kind = "a loss or error is best low" if direction == "min" else "a score is best high"
+    raise _error(
+        f"monitor_mode={mode} contradicts monitor={monitor}: {kind}, so mode {mode} would keep and test the worst "
+        f"checkpoint. Drop monitor_mode (null follows the metric: {direction}) or set monitor_mode={direction}. "
+        f"If {monitor} really is best {'high' if mode == 'max' else 'low'}, set the checkpoint's own mode instead: "
+        f"callbacks.checkpoint.mode={mode}"
+    )
+
+
+def check_targets(conf: Mapping[str, Any]) -> None:
+    """Every ``_target_`` node of a resolved config against its target's signature, before anything is built.
+
+    Keys that are not arguments, missing required arguments, values of the wrong type,
+    ``_target_`` names that do not import, a missing ``_target_``, and an optimizer or
+    scheduler without ``_partial_: true``: all named at once, each with its key.
+
+    >>> check_targets({"optimizer": {"_target_": "torch.optim.Adam", "lr": "0.001"}})
+    Traceback (most recent call last):
+    ...
+    composites_hydra.build.ConfigError: 2 config values do not fit:
+      optimizer: add _partial_: true (optimizer._partial_=true): CompositeModule calls torch.optim.Adam with the parameter groups it builds; without it Hydra calls it now, without them
+      optimizer.lr='0.001': torch.optim.Adam's lr wants float | Tensor, got the str '0.001' (write a number without quotes)
+    """
+    problems = []
+    nodes: dict[str, tuple[Any, tuple[str, ...]]] = {}
+    for key in ("data", "model", "optimizer", "module", "trainer"):
+        if key in conf:
+            node = conf[key]
+            if not is_target_node(node):
+                problems.append(
+                    f"{key}: no _target_ (got {node!r:.80}): this node builds an object, so it names its class, "
+                    f"e.g. {key}._target_={_EXAMPLE_TARGETS[key]}"
+                )
+                continue
+            nodes[key] = (node, _PASSED.get(key, ()))
+    scheduler = conf.get("scheduler")
+    if isinstance(scheduler, Mapping) and not is_target_node(scheduler):  # Lightning's {scheduler: ..., interval: ...}
+        if not is_target_node(scheduler.get("scheduler")):
+            problems.append(
+                "scheduler: a mapping without _target_ must hold the scheduler node under 'scheduler' "
+                "(Lightning's {scheduler: ..., interval: step}), e.g. "
+                "scheduler='{scheduler: {_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 10}}'"
+            )
+        else:
+            nodes["scheduler.scheduler"] = (scheduler["scheduler"], ())
+    elif scheduler is not None:
+        nodes["scheduler"] = (scheduler, ())
+    for name, callback in (conf.get("callbacks") or {}).items():
+        if callback and not is_target_node(callback):
+            problems.append(f"callbacks.{name}: no _target_: a callback node names its class (or is null to drop it)")
+        elif callback:
+            nodes[f"callbacks.{name}"] = (callback, ())
+    if conf.get("logger"):
+        nodes["logger"] = (conf["logger"], ())
+    for key in ("optimizer", "scheduler", "scheduler.scheduler"):
+        node = nodes.get(key, (None,))[0]
+        if is_target_node(node) and node.get("_partial_") is not True:
+            given = "the parameter groups" if key == "optimizer" else "the optimizer"
+            problems.append(
+                f"{key}: add _partial_: true ({key}._partial_=true): CompositeModule calls {node['_target_']} with "
+                f"{given} it builds; without it Hydra calls it now, without them"
+            )
+            nodes[key] = ({**node, "_partial_": True}, ())
+    problems += iter_problems(nodes)
+    if problems:
+        count = f"{len(problems)} config values do not fit" if len(problems) > 1 else "a config value does not fit"
+        raise _error(f"{count}:\n  " + "\n  ".join(problems))
+
+
+# What build() passes to each node itself, and a class to name when a node has no _target_.
+_PASSED = {"module": ("model", "optimizer", "scheduler"), "trainer": ("callbacks", "logger")}
+_EXAMPLE_TARGETS = {
+    "data": "composites.presets.data.DigitsDataModule",
+    "model": "composites.Sequential",
+    "optimizer": "torch.optim.Adam",
+    "module": "composites.CompositeModule",
+    "trainer": "pytorch_lightning.Trainer",
+}
 
 
 def function_target_error(error: Exception, node: str = "model") -> Exception | None:

@@ -31,7 +31,7 @@ from tests.scripts.train_helpers import compose_train
         ),
         (
             ["+model.stages.act._target_=torch.nn.functional.relu"],
-            r"model.stages.act._target_=torch.nn.functional.relu is a function, not a module class.*torch.nn.ReLU",
+            r"model.stages.act._target_=torch.nn.functional.relu is a function, not a class: it returns a Tensor where a Module is wanted. Use a class \(torch.nn.ReLU",
         ),
     ],
     ids=["monitor", "accumulate", "scheduler-name", "num-classes", "function-stage"],
@@ -69,7 +69,10 @@ def test_cpu_ddp_with_more_processes_than_cores_warns(tmp_path):
     cfg = compose_train(
         tmp_path, ["+composite=sequential", "trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={devices}"]
     )
-    with pytest.warns(UserWarning, match=rf"trainer.devices={devices} CPU processes on {devices - 1} cores"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"trainer.devices={devices} starts {devices} CPU processes \(strategy ddp\) on {devices - 1} cores",
+    ):
         check_config(cfg)
 
 
