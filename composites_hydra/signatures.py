@@ -31,8 +31,11 @@ def target_problems(node: Any, key: str, passed: Iterable[str] = ()) -> list[str
 
     ``passed`` names the arguments the caller adds when it instantiates the node (they need no key).
 
-    >>> target_problems({"_target_": "torch.nn.Linear", "in_features": "4", "out_feature": 2}, "head")
-    ["head.in_features='4': torch.nn.Linear's in_features wants int, got the str '4' (write a number without quotes)", "head.out_feature: not an argument of torch.nn.Linear; did you mean out_features? (its arguments: in_features, out_features, bias, device, dtype)", 'head: torch.nn.Linear needs out_features (missing)']
+    >>> for problem in target_problems({"_target_": "torch.nn.Linear", "in_features": "4", "out_feature": 2}, "head"):
+    ...     print(problem)
+    head.in_features='4': torch.nn.Linear's in_features wants int, got the str '4' (write a number without quotes)
+    head.out_feature: not an argument of torch.nn.Linear; did you mean out_features? (its arguments: in_features, out_features, bias, device, dtype)
+    head: torch.nn.Linear needs out_features (missing)
     """
     problems: list[str] = []
     _check_node(node, key, set(passed), problems)
@@ -43,7 +46,7 @@ def locate(target: str) -> tuple[Any, str | None]:
     """``(object, None)`` for an importable dotted name, else ``(None, why, with near names)``.
 
     >>> locate("torch.nn.Linaer")[1]
-    "torch.nn has no 'Linaer'; did you mean torch.nn.Linear?"
+    "torch.nn has no 'Linaer'; did you mean torch.nn.Linear or torch.nn.LazyLinear?"
     >>> locate("composites.preset.models.MLP")[1]
     "composites has no 'preset'; did you mean composites.presets?"
     """
