@@ -48,6 +48,7 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         warnings.warn("optimizer.lr=0: the optimizer will not change any weight", stacklevel=2)
     _check_processes(OmegaConf.select(cfg, "trainer") or {})
     _check_monitor_mode(cfg)
+    _check_training_happens(cfg)
     for override in overrides:
         key, _, value = override.partition("=")
         if value.strip() == "{}" and not key.startswith(("+", "~")):
@@ -78,6 +79,40 @@ def _check_processes(trainer: Any) -> None:
         warnings.warn(
             f"trainer.devices={devices} starts {count} CPU processes (strategy {strategy}) on {cores} cores: they share "
             f"the cores, so each step runs slower than with {cores} processes; use trainer.devices<={cores}",
+            stacklevel=3,
+        )
+
+
+def _check_training_happens(cfg: DictConfig) -> None:
+    """Warn when the settings leave nothing to train, or no validation to pick the best checkpoint by."""
+    epochs = OmegaConf.select(cfg, "trainer.max_epochs")
+    if epochs == 0 and OmegaConf.select(cfg, "trainer.max_steps", default=-1) in (-1, None):
+        warnings.warn(
+            "trainer.max_epochs=0 trains nothing: fit returns at once and the test runs on the untrained "
+            "(or resumed) weights; set trainer.max_epochs>=1",
+            stacklevel=3,
+        )
+    monitor = str(OmegaConf.select(cfg, "monitor") or "")
+    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch")
+    limit = OmegaConf.select(cfg, "trainer.limit_val_batches")
+    never = None
+    if limit == 0:
+        never = "trainer.limit_val_batches=0 turns validation off"
+    elif isinstance(every, int) and isinstance(epochs, int) and 0 < epochs < every:
+        never = (
+            f"trainer.check_val_every_n_epoch={every} is more than trainer.max_epochs={epochs}, so no validation runs"
+        )
+    if never and monitor.startswith("val/"):
+        warnings.warn(
+            f"{never}: monitor={monitor} is never logged, so no best checkpoint is kept and the test runs on the last "
+            "weights; validate at least once, or monitor a train/ metric",
+            stacklevel=3,
+        )
+    top_k = OmegaConf.select(cfg, "callbacks.checkpoint.save_top_k", default=None)
+    if top_k == 0:
+        warnings.warn(
+            "callbacks.checkpoint.save_top_k=0 keeps no best checkpoint: the test runs on the last epoch's weights, "
+            "not the best; set save_top_k>=1, or drop the callback (~callbacks.checkpoint) to say so",
             stacklevel=3,
         )
 

@@ -29,6 +29,7 @@ def named_modules_from(
     if not items:
         raise ValueError(f"{what} is empty: give at least one sub-model")
     for name, module in items:
+        refuse_class(module, f"{what} entry '{name}'")
         if not isinstance(module, nn.Module):
             hint = (
                 ": a function is not a sub-model; use a module class (torch.nn.ReLU, not torch.nn.functional.relu) "
@@ -38,6 +39,32 @@ def named_modules_from(
             )
             raise TypeError(f"{what} entry '{name}' is a {type(module).__name__}, not an nn.Module{hint}")
     return items
+
+
+def refuse_class(value: Any, what: str) -> None:
+    """Refuse a class where an object is wanted (``nn.Linear`` for ``nn.Linear(4, 2)``): called, it would build one.
+
+    >>> refuse_class(nn.Identity, "combine")
+    Traceback (most recent call last):
+    ...
+    TypeError: combine is the class Identity, not an object of it: pass Identity(...), an instance
+    """
+    if isinstance(value, type):
+        raise TypeError(
+            f"{what} is the class {value.__name__}, not an object of it: pass {value.__name__}(...), an instance"
+        )
+
+
+def require_bool(value: Any, what: str) -> None:
+    """Refuse anything but ``True``/``False`` for a switch (``"yes"`` or ``"false"`` would count as on).
+
+    >>> require_bool("false", "streams")
+    Traceback (most recent call last):
+    ...
+    TypeError: streams='false' must be True or False, got a str
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{what}={value!r} must be True or False, got a {type(value).__name__}")
 
 
 def register_children(

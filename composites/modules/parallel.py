@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .children import StageError, describe, named_modules_from, register_children, run_child
+from .children import StageError, describe, named_modules_from, refuse_class, register_children, require_bool, run_child
 from .streams import cuda_device_of, run_on_streams
 
 COMBINES = ("concat", "sum", "mean", "stack", "dict")
@@ -63,6 +63,8 @@ class Parallel(nn.Module):
             "branch",
             reserved=("branch_names", "combiner", "mode", "_combine_fn", "streams"),
         )
+        refuse_class(combine, "Parallel combine")
+        require_bool(streams, "Parallel streams")
         if isinstance(combine, str) and combine not in COMBINES:
             raise ValueError(
                 f"unknown combine '{combine}': choose one of {', '.join(COMBINES)}, or pass a module/callable"

@@ -9,7 +9,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .children import StageError, describe, named_modules_from, register_children, run_child
+from .children import StageError, describe, named_modules_from, refuse_class, register_children, run_child
 from .parallel import Parallel
 
 Pick = Union[str, int, Callable[[Any], Any]]  # noqa: UP007 (a runtime alias: Python 3.10 has no `str | Callable[...]` here)
@@ -169,6 +169,7 @@ class Sequential(nn.Module):
                 f"its stages are {', '.join(map(repr, self.stage_names))}"
             )
         for name, pick in picks.items():
+            refuse_class(pick, f"outputs['{name}']")
             if isinstance(pick, nn.Module) or not (isinstance(pick, (str, int)) or callable(pick)):
                 raise TypeError(
                     f"outputs['{name}'] must be a field name (str), an index (int) or a function of the output, "

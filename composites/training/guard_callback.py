@@ -76,7 +76,7 @@ class GradientGuardCallback(Flavoured):
         self,
         mode: str = "raise",
         *,
-        may_skip: Sequence[str] = (),
+        may_skip: str | Sequence[str] = (),
         starved_after: int | None = _UNSET,
         check_finite: bool = True,
         non_finite: str = "skip",
@@ -85,7 +85,9 @@ class GradientGuardCallback(Flavoured):
         attribute: str | None = None,
     ):
         self.mode = guard_mode(mode)
-        self.may_skip = [str(p) for p in may_skip]
+        self.may_skip = (
+            [may_skip] if isinstance(may_skip, str) else [str(p) for p in may_skip]
+        )  # one pattern, not its letters
         self.options: dict[str, Any] = {"check_finite": check_finite}
         if self.may_skip:  # passed only when set: the guard's own defaults stay its own
             self.options["may_skip"] = self.may_skip

@@ -15,7 +15,7 @@ from ..modules import Conditional
 from .epoch_logging import epoch_means, log_epoch, reset_epoch, stage_metrics, step_is_logged
 from .flavours import Flavoured, package_of, spans_processes, using_lightning
 from .guard_callback import GradientGuardCallback, GuardMode
-from .inputs import check_optimizer_factory, check_trainable, split_batch
+from .inputs import check_loss_and_balancing, check_optimizer_factory, check_trainable, split_batch
 from .param_groups import build_param_groups, plain
 from .routing_terms import routing_terms
 from .schedules import configure_schedule
@@ -106,6 +106,7 @@ class CompositeModule(Flavoured):
     ):
         super().__init__()
         check_optimizer_factory(optimizer)
+        check_loss_and_balancing(loss, load_balancing)
         if isinstance(guard, GradientGuardCallback):
             callback = guard
         else:
