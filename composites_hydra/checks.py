@@ -176,7 +176,7 @@ def check_targets(conf: Mapping[str, Any]) -> None:
             node = conf[key]
             if not is_target_node(node):
                 problems.append(
-                    f"{key}: no _target_ (got {node!r:.80}): this node builds an object, so it names its class, "
+                    f"{key}: no _target_ (got {_described(node)}): this node builds an object, so it names its class, "
                     f"e.g. {key}._target_={_EXAMPLE_TARGETS[key]}"
                 )
                 continue
@@ -213,6 +213,10 @@ def check_targets(conf: Mapping[str, Any]) -> None:
     if problems:
         count = f"{len(problems)} config values do not fit" if len(problems) > 1 else "a config value does not fit"
         raise _error(f"{count}:\n  " + "\n  ".join(problems))
+
+
+def _described(node: Any) -> str:
+    return f"a mapping with keys {', '.join(map(str, node))}" if isinstance(node, Mapping) else repr(node)
 
 
 # What build() passes to each node itself, and a class to name when a node has no _target_.

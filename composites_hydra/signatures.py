@@ -68,15 +68,26 @@ def locate(target: str) -> tuple[Any, str | None]:
         part = parts[position]
         if not hasattr(obj, part):
             where = ".".join(parts[:position])
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            if hasattr(obj, "__path__"):
-                names += [m.name for m in pkgutil.iter_modules(obj.__path__)]
-            near = difflib.get_close_matches(part, names, n=3, cutoff=0.6)
+            last = position == len(parts) - 1  # a target is called: no module there
+            names = {
+                n for n in dir(obj) if not n.startswith("_") and not (last and inspect.ismodule(getattr(obj, n, None)))
+            }
+            if hasattr(obj, "__path__") and not last:
+                names |= {m.name for m in pkgutil.iter_modules(obj.__path__)}
+            near = _near(part, sorted(names))
             return None, f"{where} has no '{part}'" + (
                 f"; did you mean {' or '.join(f'{where}.{n}' for n in near)}?" if near else ""
             )
         obj = getattr(obj, part)
     return obj, None
+
+
+def _near(name: str, names: list[str]) -> list[str]:
+    """Up to three of ``names`` close to ``name``: same letters in another case first, then by similarity."""
+    lower = {n.lower(): n for n in names}
+    same = [n for n in names if n.lower() == name.lower()]
+    close = [lower[n] for n in difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)]
+    return list(dict.fromkeys(same + close))[:3]
 
 
 def is_target_node(value: Any) -> bool:
@@ -109,7 +120,7 @@ def _check_node(node: Mapping, key: str, passed: set[str], problems: list[str]) 
         where = f"{key}.{name}"
         if name not in parameters or parameters[name].kind in (inspect.Parameter.VAR_POSITIONAL,):
             if not takes_any_key:
-                near = difflib.get_close_matches(str(name), named, n=1, cutoff=0.6)
+                near = _near(str(name), named)[:1]
                 problems.append(
                     f"{where}: not an argument of {target_name}"
                     + (f"; did you mean {near[0]}?" if near else "")
