@@ -46,7 +46,7 @@ def locate(target: str) -> tuple[Any, str | None]:
     """``(object, None)`` for an importable dotted name, else ``(None, why, with near names)``.
 
     >>> locate("torch.nn.Linaer")[1]
-    "torch.nn has no 'Linaer'; did you mean torch.nn.Linear or torch.nn.LazyLinear?"
+    "torch.nn has no 'Linaer'; did you mean torch.nn.Linear or torch.nn.Bilinear or torch.nn.LazyLinear?"
     >>> locate("composites.preset.models.MLP")[1]
     "composites has no 'preset'; did you mean composites.presets?"
     """
