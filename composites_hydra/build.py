@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from composites.training import using_lightning
 
-from .checks import check_built, check_config, check_targets, function_target_error, metric_direction
+from .checks import check_built, check_config, check_targets, function_target_error
 from .lightning_package import trainer_package
+from .run_settings import metric_direction
 from .runs import keep_earlier_csv_logs, refuse_to_overwrite
 from .schema import TrainConfig
 

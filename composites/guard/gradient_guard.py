@@ -20,7 +20,7 @@ from .problems import GradientFlowError, GuardReport, Problem
 from .sharded import ShardedArrivals
 from .starvation import STARVED_AFTER
 from .step import RecordedCall, StepRecord
-from .structure import grouped_grad_norms, submodel_names, unregistered_tensors
+from .structure import grouped_grad_norms, require_module, submodel_names, unregistered_tensors
 from .sync import gather_problems, is_distributed, reduce_flags
 
 
@@ -92,12 +92,9 @@ class GradientGuard:
         may_skip: Sequence[str] = (),
         starved_after: int | None = STARVED_AFTER,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"GradientGuard(model=...) needs the nn.Module being trained, got {type(model).__name__}"
-                + (f" (the class itself: pass {model.__name__}(...), an instance)" if isinstance(model, type) else "")
-            )
-        self.model = model = uncompiled(model)  # a compiled model: its eager module, named and replayed as such
+        self.model = model = uncompiled(
+            require_module(model)
+        )  # a compiled model: its eager module, named and replayed as such
         self.check_finite, self._finite = check_finite, FiniteCheck(scaler, overflow_patience)
         self._inactive = InactiveParameters(may_skip, starved_after)
         self._reached: set[int] = set()
@@ -142,11 +139,6 @@ class GradientGuard:
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Check from now on that every trainable parameter is in ``optimizer``."""
-        if optimizer is not None and not hasattr(optimizer, "param_groups"):
-            raise TypeError(
-                f"GradientGuard(optimizer=...) needs the built optimizer that holds the parameters (its param_groups), "
-                f"got {type(optimizer).__name__}: build it first, e.g. torch.optim.Adam(model.parameters())"
-            )
         self.optimizer, self._coverage = optimizer, OptimizerCoverage(optimizer)
 
     def remove(self) -> None:

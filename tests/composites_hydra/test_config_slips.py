@@ -7,7 +7,8 @@ import os
 import pytest
 
 from composites_hydra import ConfigError, build
-from composites_hydra.checks import check_config, metric_direction
+from composites_hydra.checks import check_config
+from composites_hydra.run_settings import metric_direction
 from tests.scripts.train_helpers import compose_train
 
 
