@@ -146,7 +146,7 @@ def _built_misfit(node: Mapping, hint: Any) -> Misfit | None:
         if not isinstance(origin, type) or origin in (abc.Callable,) or getattr(origin, "_is_protocol", False):
             return None  # Callable, Any, a TypeVar, a protocol: not judged
         classes.append(origin)
-    if any(issubclass(built, c) for c in classes):
+    if any(issubclass(built, c) or _same_lightning_class(built, c) for c in classes):
         return None
     wanted = " | ".join(c.__name__ for c in classes)
     if isinstance(target, type):
@@ -160,6 +160,18 @@ def _built_misfit(node: Mapping, hint: Any) -> Misfit | None:
         hint,
         f"._target_={name} is a function, not a class: it returns a {built.__name__} where a {wanted} is "
         f"wanted. Use a class{fix} or wrap the function in one",
+    )
+
+
+_LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric"}
+
+
+def _same_lightning_class(built: type, wanted: type) -> bool:
+    """A Lightning class of the other package counts: build() swaps in the Trainer's package's classes."""
+    if wanted.__module__.split(".")[0] not in _LIGHTNING:
+        return False
+    return any(
+        k.__qualname__ == wanted.__qualname__ and k.__module__.split(".")[0] in _LIGHTNING for k in built.__mro__
     )
 
 

@@ -157,6 +157,9 @@ def test_a_target_whose_hints_do_not_resolve_or_that_takes_any_key_is_not_judged
         "k.a.in_features='2': torch.nn.Linear's in_features wants int, got the str '2' (write a number without quotes)",
         "k.a: torch.nn.Linear needs out_features (missing)",
     ]
+    # a Lightning class of the other package fits: build() swaps in the Trainer's package's classes
+    ddp = {"_target_": "pytorch_lightning.strategies.DDPStrategy"}
+    assert target_problems({"_target_": "lightning.Trainer", "strategy": ddp}, "trainer") == []
     # a class hint YAML cannot produce (torch.device) is left to the target, which converts a string
     assert target_problems({"_target_": "torch.zeros", "_partial_": True, "device": "cpu"}, "k") == []
 
