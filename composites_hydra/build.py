@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from composites.training.packages import trainer_package
 
-from .checks import check_built, check_config, function_target_error
+from .checks import check_built, check_config, check_targets, function_target_error
 from .errors import ConfigError, NoCompositeError
+from .run_settings import metric_direction
 from .runs import keep_earlier_csv_logs, refuse_to_overwrite
 from .schema import TrainConfig
 from .targets import for_package
@@ -74,9 +75,10 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if cfg.monitor_mode is None:  # a loss is best low, anything else (accuracy, F1) high
-        cfg.monitor_mode = "min" if "loss" in cfg.monitor else "max"
+        cfg.monitor_mode = metric_direction(cfg.monitor) or "max"
     # Resolve once, enums as plain strings ("raise", "max"), so objects get ordinary values.
     conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    check_targets(conf)  # every value against its target's signature, before anything is built
     if conf["logger"] and cfg.ckpt_path is not None:
         keep_earlier_csv_logs(conf["logger"])
     # composites' own Lightning classes of the Trainer's package; Lightning's own come from configs that

@@ -19,7 +19,7 @@ from .overflow import FiniteCheck
 from .problems import GradientFlowError, GuardReport, Problem
 from .sharded import ShardedArrivals
 from .step import RecordedCall, StepRecord
-from .structure import grouped_grad_norms, submodel_names, unregistered_tensors
+from .structure import grouped_grad_norms, require_module, submodel_names, unregistered_tensors
 from .sync import gather_problems, is_distributed, reduce_flags
 
 
@@ -93,7 +93,7 @@ class GradientGuard:
         may_skip: Sequence[str] = (),
         starved_after: int | None = STARVED_AFTER,
     ):
-        self.model = model = uncompiled(model)  # a compiled model: its eager module, named and replayed as such
+        self.model = model = uncompiled(require_module(model))  # a compiled model: its eager module, named as such
         self.check_finite = check_finite
         self._finite = FiniteCheck(scaler, overflow_patience)
         self._inactive = InactiveParameters(may_skip, starved_after)

@@ -18,7 +18,7 @@ from ..guard import GradientGuard, GuardReport
 from ..modules import Conditional
 from .callbacks.gradient_guard import GradientGuardCallbackBase, GuardMode
 from .epoch_logging import epoch_means, log_epoch, reset_epoch, stage_metrics, step_is_logged
-from .inputs import check_optimizer_factory, check_trainable, split_batch
+from .inputs import check_loss_and_balancing, check_optimizer_factory, check_trainable, split_batch
 from .packages import composites_classes, package_of, spans_processes
 from .param_groups import build_param_groups, plain
 from .routing_terms import routing_terms
@@ -111,6 +111,7 @@ class CompositeModuleBase:
     ):
         super().__init__()
         check_optimizer_factory(optimizer)
+        check_loss_and_balancing(loss, load_balancing)
         callback = guard_callback(guard, package_of(self))
         param_groups = plain(param_groups) if param_groups is not None else None
         # Only plain values go into hparams: checkpoints are read with torch.load(weights_only=True).

@@ -206,8 +206,10 @@ def test_a_bad_compile_setting_or_trainer_target_names_the_key(tmp_path, overrid
 def test_the_checkpoint_mode_follows_the_monitor_unless_given(tmp_path, monitor, mode):
     _, _, trainer = build(compose_train(tmp_path, ["+composite=sequential", f"monitor={monitor}"]))
     assert (trainer.checkpoint_callback.monitor, trainer.checkpoint_callback.mode) == (monitor, mode)
-    _, _, trainer = build(compose_train(tmp_path, ["+composite=sequential", f"monitor={monitor}", "monitor_mode=max"]))
-    assert trainer.checkpoint_callback.mode == "max"
+    _, _, trainer = build(
+        compose_train(tmp_path, ["+composite=sequential", f"monitor={monitor}", f"monitor_mode={mode}"])
+    )
+    assert trainer.checkpoint_callback.mode == mode
 
 
 def test_composite_presets_leave_the_trainer_to_the_trainer_group():

@@ -75,7 +75,7 @@ class GradientGuardCallbackBase:
         self,
         mode: str = "raise",
         *,
-        may_skip: Sequence[str] = (),
+        may_skip: str | Sequence[str] = (),
         starved_after: int | None = STARVED_AFTER,
         check_finite: bool = True,
         non_finite: str = "skip",
@@ -84,7 +84,8 @@ class GradientGuardCallbackBase:
         attribute: str | None = None,
     ):
         self.mode = guard_mode(mode)
-        self.may_skip = [str(p) for p in may_skip]
+        # one string is one pattern, not its letters
+        self.may_skip = [may_skip] if isinstance(may_skip, str) else [str(p) for p in may_skip]
         self.options: dict[str, Any] = {"check_finite": check_finite, "starved_after": starved_after}
         if self.may_skip:
             self.options["may_skip"] = self.may_skip
