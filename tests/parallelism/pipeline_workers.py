@@ -1,0 +1,121 @@
+"""What the spawned ranks of the pipeline tests run: one spawn per world size serves many assertions.
+
+Each rank writes what it found to ``<out>/rank<r>.json``; the test reads every rank's file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from composites import GradientFlowError, Sequential
+from composites.parallelism import Pipeline
+from composites.parallelism.pipeline_guard import PipelineGuard
+
+BATCH, WIDTH = 8, 4
+
+
+def four_stage_model() -> Sequential:
+    """Four stages of Linear (+ReLU), deterministic weights: the same model on every rank."""
+    torch.manual_seed(0)
+    stages = {
+        "encoder": nn.Sequential(nn.Linear(WIDTH, 6), nn.ReLU()),
+        "mixer": nn.Sequential(nn.Linear(6, 6), nn.ReLU()),
+        "proj": nn.Sequential(nn.Linear(6, 5), nn.ReLU()),
+        "head": nn.Linear(5, 3),
+    }
+    return Sequential(stages)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, WIDTH, generator=g), torch.randn(BATCH, 3, generator=g)
+
+
+def reference(lr: float = 0.1) -> tuple[float, dict[str, torch.Tensor]]:
+    """The single-process step: loss, then every parameter after one SGD step."""
+    model = four_stage_model()
+    x, y = batch()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=lr).step()
+    return loss.item(), {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def numerics(rank: int, out: dict) -> None:
+    """Loss and parameters after one step, per schedule, against the single-process step."""
+    ref_loss, ref_params = reference()
+    x, y = batch()
+    for schedule in ("gpipe", "1f1b"):
+        pipeline = Pipeline(four_stage_model(), nn.functional.mse_loss, n_microbatches=4, schedule=schedule)
+        optimizer = torch.optim.SGD(pipeline.module.parameters(), lr=0.1)
+        loss, output = pipeline.step(x, y)
+        optimizer.step()
+        params = dict(pipeline.module.named_parameters())
+        out[schedule] = {
+            "split": pipeline.split,
+            "names": sorted(params),
+            "param_error": max((params[n] - ref_params[n]).abs().max().item() for n in params),
+            "loss_error": abs(loss.item() - ref_loss) if loss is not None else None,
+            "output_shape": list(output.shape) if output is not None else None,
+            "layout": pipeline.layout(),
+        }
+
+
+class DetachedOutput(nn.Module):
+    """A stage whose output leaves without its graph: the cut a pipeline boundary must name."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).detach()
+
+
+def guard_verdict(model: Sequential, split) -> dict:
+    """One guarded step; the problems every rank raised (or none)."""
+    x, y = batch()
+    pipeline = Pipeline(model, nn.functional.mse_loss, split=split, n_microbatches=2, schedule="1f1b")
+    guard = PipelineGuard(pipeline)
+    pipeline.step(x, y)
+    try:
+        guard.check()
+    except GradientFlowError as error:
+        return {"problems": [[p.parameter, p.cause, p.where] for p in error.problems]}
+    finally:
+        guard.remove()
+    return {"problems": []}
+
+
+def guard_cases(rank: int, out: dict) -> None:
+    out["clean"] = guard_verdict(four_stage_model(), None)
+    # the boundary cut: 'mixer' (end of pipeline stage 0) detaches what it sends to 'proj'
+    model = four_stage_model()
+    model.mixer = DetachedOutput(model.mixer)
+    out["boundary"] = guard_verdict(model, [["encoder", "mixer"], ["proj", "head"]])
+    # a cut inside a pipeline stage: 'encoder' detaches before 'mixer', in the same stage
+    model = four_stage_model()
+    model.encoder = DetachedOutput(model.encoder)
+    out["inside"] = guard_verdict(model, [["encoder", "mixer"], ["proj", "head"]])
+
+
+def worker(rank: int, world: int, port: int, folder: str, cases: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out: dict = {}
+    try:
+        for case in cases:
+            {"numerics": numerics, "guard": guard_cases}[case](rank, out)
+    except Exception:
+        out["error"] = traceback.format_exc()
+    finally:
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(out))
+        dist.destroy_process_group()
