@@ -93,7 +93,7 @@ class PipelineStageModule(Sequential):
                 "a different structure than in the first microbatch; a pipeline sends the same structure every time"
             )
         self.handoff.record_sent(leaves)
-        return tuple(leaves)
+        return tuple(t.contiguous() for t in leaves)  # sent as they lie in memory: a slice is copied first
 
     def flatten_output(self, out: Any) -> tuple[list[Tensor], Any]:
         """``out``'s tensors and structure; a clear error naming the stage when something in it is not a tensor."""
@@ -169,6 +169,10 @@ class _ScaledLoss:
 
     def __call__(self, output: Any, target: Tensor) -> Tensor:
         return self.loss_fn(output, target) * (len(target) / self.batch_size)
+
+
+class _Failed(RuntimeError):
+    """An earlier pipeline stage failed in the hand-shake (its message, passed on)."""
 
 
 @dataclass
@@ -378,43 +382,72 @@ class Pipeline:
 
         Each rank runs its stages on what the previous stage sends it (the real tensors of the
         first microbatch), under the step's grad mode, with the random state and buffers put back
-        afterwards: the step itself draws and updates as the single-process model would.
+        afterwards: the step itself draws and updates as the single-process model would. A stage
+        that fails (an output that cannot be sent, say) tells the stages after it, and every rank
+        of the pipeline raises the same error instead of waiting for the others.
         Returns, per local stage, the example inputs and outputs ``PipelineStage`` is built with.
         """
-        examples = []
+        examples: list[tuple[Any, Any]] = []
+        failure: str | None = None
         grad = torch.enable_grad() if train and not torch.is_inference_mode_enabled() else torch.no_grad()
+        p2p_device = self.device if self.device.type == "cuda" else None
         for module in self.stages:
-            if module.is_first:
-                inputs = (first_x,)
-            else:
-                box: list[Any] = [None]
-                dist.recv_object_list(box, src=self.global_rank(module.pipeline_index - 1), group=self.group)
-                spec, metas = box[0]
-                module.input_spec = spec
-                inputs = tuple(
-                    t.to(self.device).requires_grad_(train and rg and t.is_floating_point()) for t, rg in metas
-                )
-            buffers = [(b, b.detach().clone()) for b in module.buffers()]
-            module.handoff.recording = False
             try:
-                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), grad:
-                    out = module(*inputs)
-            finally:
-                module.handoff.recording = True
-                with torch.no_grad():
-                    for b, saved in buffers:
-                        b.copy_(saved)
-            if module.is_last:
-                leaves = tree_flatten(out)[0]
-                outputs = _example(leaves) if leaves and all(isinstance(t, Tensor) for t in leaves) else None
-            else:  # ``out`` is the flat tuple of tensors; forward kept its structure in output_spec
-                outputs = _example(out)
-                metas = [(t.detach().cpu(), t.requires_grad) for t in out]
-                dist.send_object_list(
-                    [(module.output_spec, metas)], dst=self.global_rank(module.pipeline_index + 1), group=self.group
-                )
-            examples.append((_example(inputs) if all(isinstance(t, Tensor) for t in inputs) else None, outputs))
+                if module.is_first:
+                    inputs: tuple = (first_x,)
+                else:
+                    box: list[Any] = [None]
+                    dist.recv_object_list(
+                        box, src=self.global_rank(module.pipeline_index - 1), group=self.group, device=p2p_device
+                    )
+                    if box[0][0] == "failed":
+                        raise _Failed(box[0][1])
+                    _, spec, metas = box[0]
+                    module.input_spec = spec
+                    inputs = tuple(
+                        t.to(self.device).requires_grad_(train and rg and t.is_floating_point()) for t, rg in metas
+                    )
+                out = self._probe(module, inputs, grad)
+                if module.is_last:
+                    leaves = tree_flatten(out)[0]
+                    outputs = _example(leaves) if leaves and all(isinstance(t, Tensor) for t in leaves) else None
+                else:  # ``out`` is the flat tuple of tensors; forward kept its structure in output_spec
+                    outputs = _example(out)
+                    message = ("sent", module.output_spec, [(t.detach().cpu(), t.requires_grad) for t in out])
+                    dist.send_object_list(
+                        [message], dst=self.global_rank(module.pipeline_index + 1), group=self.group, device=p2p_device
+                    )
+                examples.append((_example(inputs) if all(isinstance(t, Tensor) for t in inputs) else None, outputs))
+            except Exception as error:
+                failure = str(error) if isinstance(error, _Failed) else f"{type(error).__name__}: {error}"
+                if not module.is_last:
+                    dist.send_object_list(
+                        [("failed", failure)],
+                        dst=self.global_rank(module.pipeline_index + 1),
+                        group=self.group,
+                        device=p2p_device,
+                    )
+                if module is not self.stages[-1]:  # an interleaved rank's later stage waits for the same news
+                    continue
+        verdicts: list[str | None] = [None] * self.size
+        dist.all_gather_object(verdicts, failure, group=self.group)  # one answer on every rank of the pipeline
+        first_failure = next((v for v in verdicts if v is not None), None)
+        if first_failure is not None:
+            raise RuntimeError(f"pipeline: setting up the stages from the first microbatch failed: {first_failure}")
         return examples
+
+    def _probe(self, module: PipelineStageModule, inputs: tuple, grad: Any) -> Any:
+        """``module(*inputs)`` leaving no trace: random state, buffers and the hand-off record as they were."""
+        buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        module.handoff.recording = False
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), grad:
+                return module(*inputs)
+        finally:
+            module.handoff.recording = True
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
 
     # ---------------------------------------------------------------- what the guard asks
     def boundary_facts(self) -> dict[int, str]:
@@ -446,4 +479,3 @@ def stage_of(split: Sequence[Sequence[str]], name: str) -> int:
         if top in group:
             return i
     raise KeyError(f"'{name}' belongs to no pipeline stage of {split}")
-

@@ -51,7 +51,9 @@ class PipelineGuard(GradientGuard):
         **options: Any,
     ):
         self.pipeline = pipeline
-        super().__init__(pipeline.module, optimizer, group=replica_group if replica_group is not None else _alone(), **options)
+        super().__init__(
+            pipeline.module, optimizer, group=replica_group if replica_group is not None else _alone(), **options
+        )
 
     def check(self, raise_error: bool = True, loss: Tensor | None = None) -> GuardReport:
         report = super().check(raise_error=False, loss=loss)

@@ -87,7 +87,11 @@ def check_split(model: Sequential, split: Sequence[Sequence[str]], n_stages: int
     """
     groups = [[str(n) for n in ([group] if isinstance(group, str) else group)] for group in split]
     names = list(model.stage_names)
-    example = "[" + ", ".join("[" + ", ".join(g) + "]" for g in balanced_split(model, max(1, min(n_stages, len(names))))) + "]"
+    example = (
+        "["
+        + ", ".join("[" + ", ".join(g) + "]" for g in balanced_split(model, max(1, min(n_stages, len(names)))))
+        + "]"
+    )
     if len(groups) != n_stages:
         raise ValueError(
             f"pipeline split {groups}: {len(groups)} group(s) for {n_stages} pipeline stages; give one list of stage "

@@ -94,6 +94,104 @@ def guard_verdict(model: Sequential, split) -> dict:
     return {"problems": []}
 
 
+class DetachedInput(nn.Module):
+    """A stage that drops the gradient of what it receives: the receiving side of a cut boundary."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.detach())
+
+
+class Halves(nn.Module):
+    """Returns a tuple: the next stage takes it positionally."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, 6)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h[:, :2], h[:, 2:]
+
+
+class Join(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, a, b):
+        return self.lin(torch.cat([a * 2, b], dim=-1))
+
+
+class Encoder(nn.Module):
+    """Returns a mapping, like a Hugging Face ModelOutput."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, 5)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return {"last_hidden_state": h.unsqueeze(1).repeat(1, 2, 1), "pooler_output": h}
+
+
+class KeywordHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, last_hidden_state, pooler_output):
+        return self.lin(last_hidden_state.mean(dim=1) + pooler_output)
+
+
+class Labelled(nn.Module):
+    """Returns a tensor and a string: nothing a pipeline can send."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, 3)
+
+    def forward(self, x):
+        return self.lin(x), "label"
+
+
+def handoff_models() -> dict[str, Sequential]:
+    torch.manual_seed(0)
+    return {
+        "tuple": Sequential({"halves": Halves(), "join": Join()}),
+        "mapping": Sequential({"encoder": Encoder(), "head": KeywordHead()}),
+        "picked": Sequential({"encoder": Encoder(), "head": nn.Linear(5, 3)}, outputs={"encoder": "pooler_output"}),
+    }
+
+
+def handoff_cases(rank: int, out: dict) -> None:
+    """Tuples, mappings and picked fields cross a boundary and give the single-process numbers; a string cannot."""
+    x, y = batch()
+    for kind in ("tuple", "mapping", "picked"):
+        reference = handoff_models()[kind]
+        ref_loss = nn.functional.mse_loss(reference(x), y)
+        ref_loss.backward()
+        grads = {n: p.grad for n, p in reference.named_parameters()}
+        pipeline = Pipeline(handoff_models()[kind], nn.functional.mse_loss, n_microbatches=2, schedule="gpipe")
+        loss, _ = pipeline.step(x, y)
+        own = dict(pipeline.module.named_parameters())
+        out[kind] = {
+            "loss_error": abs(loss.item() - ref_loss.item()) if loss is not None else None,
+            "grad_error": max((own[n].grad - grads[n]).abs().max().item() for n in own),
+        }
+    pipeline = Pipeline(
+        Sequential({"labelled": Labelled(), "head": nn.Identity()}), lambda o, t: o.sum(), n_microbatches=2
+    )
+    try:
+        pipeline.step(x, y)
+        out["unsendable"] = None
+    except RuntimeError as error:
+        out["unsendable"] = str(error)
+
+
 def guard_cases(rank: int, out: dict) -> None:
     out["clean"] = guard_verdict(four_stage_model(), None)
     # the boundary cut: 'mixer' (end of pipeline stage 0) detaches what it sends to 'proj'
@@ -104,6 +202,10 @@ def guard_cases(rank: int, out: dict) -> None:
     model = four_stage_model()
     model.encoder = DetachedOutput(model.encoder)
     out["inside"] = guard_verdict(model, [["encoder", "mixer"], ["proj", "head"]])
+    # the receiving side: 'proj' (start of pipeline stage 1) drops the gradient of what it receives
+    model = four_stage_model()
+    model.proj = DetachedInput(model.proj)
+    out["received"] = guard_verdict(model, [["encoder", "mixer"], ["proj", "head"]])
 
 
 def worker(rank: int, world: int, port: int, folder: str, cases: list[str]) -> None:
@@ -113,7 +215,7 @@ def worker(rank: int, world: int, port: int, folder: str, cases: list[str]) -> N
     out: dict = {}
     try:
         for case in cases:
-            {"numerics": numerics, "guard": guard_cases}[case](rank, out)
+            {"numerics": numerics, "guard": guard_cases, "handoff": handoff_cases}[case](rank, out)
     except Exception:
         out["error"] = traceback.format_exc()
     finally:
