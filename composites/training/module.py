@@ -200,19 +200,36 @@ class CompositeModule(Flavoured):
         self.guard_callback.teardown(self._trainer, self, stage)
 
     # ---------------------------------------------------------------- steps
+    def _pipeline_step(self) -> Callable[..., tuple[Tensor, Any]] | None:
+        """The strategy's pipeline step under ``trainer=pipeline`` (the model is split over ranks), else None."""
+        return getattr(self._trainer.strategy, "pipeline_step", None) if self._trainer is not None else None
+
     def _step(self, batch: Any, stage: str, metrics: MetricCollection | None) -> Tensor:
         x, y = split_batch(batch)
-        out = self.model(x)
-        loss = self.loss_fn(out, y)
         n = len(y)
         log_step = stage == "train" and step_is_logged(self._trainer, epoch_end=True)
-        loss = routing_terms(self, loss, stage, n, log_step)
+        pipeline_step = self._pipeline_step()
+        if pipeline_step is not None:  # forward and backward ran in the schedule; the output is on the last stage
+            loss, out = pipeline_step(x, y, train=stage == "train")  # a leaf: its backward hands the gradients over
+        else:
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+            loss = routing_terms(self, loss, stage, n, log_step)
         self.epoch_means[f"{stage}_loss"].update(loss, n)
         if log_step:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
-        if metrics is not None:
+        if metrics is not None and out is not None:
             metrics.update(out.detach(), y)
         return loss
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        clip = getattr(self._trainer.strategy, "clip_grad_norm_", None) if self._trainer is not None else None
+        if clip is not None and gradient_clip_val and str(gradient_clip_algorithm or "norm") == "norm":
+            clip(float(gradient_clip_val))  # the norm over every stage of the pipeline, not this rank's alone
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # A fresh start each epoch (Lightning resets what it logged, but a sanity check or an
     # interrupted epoch may leave state); one self.log per value at the end.
