@@ -246,6 +246,9 @@ class Pipeline:
         n_microbatches: microbatches per batch (fewer when the batch does not split evenly).
         schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved"`` (two pipeline stages per rank).
         group: the ranks of this pipeline, in stage order (``None``: every rank).
+        replica_group: the data-parallel copies of this rank's stage (PP x DP, see
+            :func:`pipeline_groups`): gradients are averaged over them after each step, each
+            copy having run its own share of the data. ``None``: no copies.
         device: where this rank's stage runs (default: CPU).
 
     Example (one rank: the pipeline is the whole model)::
@@ -264,6 +267,7 @@ class Pipeline:
         n_microbatches: int = 4,
         schedule: str = "1f1b",
         group: Any = None,
+        replica_group: Any = None,
         device: torch.device | str | None = None,
     ):
         if not isinstance(model, Sequential):
@@ -276,6 +280,8 @@ class Pipeline:
         if int(n_microbatches) < 1:
             raise ValueError(f"pipeline n_microbatches={n_microbatches}: give at least 1")
         self.group = group if group is not None else dist.group.WORLD
+        self.replica_group = replica_group
+        self.replicas = dist.get_world_size(replica_group) if replica_group is not None else 1
         self.size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.per_rank = 2 if schedule == "interleaved" else 1
         n_stages = self.size * self.per_rank
@@ -333,6 +339,11 @@ class Pipeline:
         kwargs: dict[str, Any] = {"target": target, "losses": losses} if self.has_last else {}
         if train:
             out = run.schedule.step(*args, **kwargs)
+            if self.replicas > 1:  # PP x DP: the mean over the copies, as DDP gives
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad, group=self.replica_group)
+                        p.grad.div_(self.replicas)
         else:
             out = run.schedule.eval(*args, **kwargs)
         if not self.has_last:

@@ -16,6 +16,7 @@ from torch import nn
 
 from composites import GradientFlowError, Sequential
 from composites.parallelism import Pipeline
+from composites.parallelism.pipeline import pipeline_groups
 from composites.parallelism.pipeline_guard import PipelineGuard
 
 BATCH, WIDTH = 8, 4
@@ -52,7 +53,29 @@ def numerics(rank: int, out: dict) -> None:
     """Loss and parameters after one step, per schedule, against the single-process step."""
     ref_loss, ref_params = reference()
     x, y = batch()
-    for schedule in ("gpipe", "1f1b"):
+    schedules = ["gpipe", "1f1b"] + (["interleaved"] if dist.get_world_size() == 2 else ["pp_x_dp"])
+    for schedule in schedules:
+        if schedule == "pp_x_dp":  # two copies of a two-stage pipeline, each on half of the batch
+            group, replicas, replica = pipeline_groups(2)
+            pipeline = Pipeline(
+                four_stage_model(), nn.functional.mse_loss, n_microbatches=2, group=group, replica_group=replicas
+            )
+            half = slice(replica * BATCH // 2, (replica + 1) * BATCH // 2)
+            loss, output = pipeline.step(x[half], y[half])
+            if loss is not None:  # the batch's loss: the mean over the copies' halves
+                dist.all_reduce(loss, group=replicas)
+                loss /= 2
+            optimizer = torch.optim.SGD(pipeline.module.parameters(), lr=0.1)
+            optimizer.step()
+            params = dict(pipeline.module.named_parameters())
+            out[schedule] = {
+                "split": pipeline.split,
+                "names": sorted(params),
+                "param_error": max((params[n] - ref_params[n]).abs().max().item() for n in params),
+                "loss_error": abs(loss.item() - ref_loss) if loss is not None else None,
+                "layout": pipeline.layout(),
+            }
+            continue
         pipeline = Pipeline(four_stage_model(), nn.functional.mse_loss, n_microbatches=4, schedule=schedule)
         optimizer = torch.optim.SGD(pipeline.module.parameters(), lr=0.1)
         loss, output = pipeline.step(x, y)

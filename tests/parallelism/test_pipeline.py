@@ -66,6 +66,27 @@ def test_four_stages_step_as_the_single_process_model(four: list[dict]) -> None:
 
 
 @pytest.mark.slow
+def test_interleaved_schedule_holds_two_stages_per_rank_and_steps_the_same(two: list[dict]) -> None:
+    seen = [r["interleaved"] for r in two]
+    assert [s["names"] for s in seen] == [
+        ["encoder.0.bias", "encoder.0.weight", "proj.0.bias", "proj.0.weight"],
+        ["head.bias", "head.weight", "mixer.0.bias", "mixer.0.weight"],
+    ]
+    assert all(s["param_error"] <= TOL for s in seen) and seen[1]["loss_error"] <= TOL
+
+
+@pytest.mark.slow
+def test_copies_of_a_pipeline_on_halves_of_the_batch_step_as_one_model(four: list[dict]) -> None:
+    seen = [r["pp_x_dp"] for r in four]
+    assert [s["layout"] for s in seen[::2]] == [
+        "pipeline: stage 0 [encoder, mixer] on rank 0 | stage 1 [proj, head] on rank 1",
+        "pipeline: stage 0 [encoder, mixer] on rank 2 | stage 1 [proj, head] on rank 3",
+    ]
+    assert all(s["param_error"] <= TOL for s in seen)
+    assert seen[1]["loss_error"] <= TOL and seen[3]["loss_error"] <= TOL
+
+
+@pytest.mark.slow
 def test_tuples_mappings_and_picked_fields_cross_a_boundary(two: list[dict]) -> None:
     for kind in ("tuple", "mapping", "picked"):
         assert two[1][kind]["loss_error"] <= TOL

@@ -95,6 +95,7 @@ class PipelineStrategyBase:
             n_microbatches=self.n_microbatches,
             schedule=self.schedule,
             group=self.pipeline_group,
+            replica_group=self.replica_group,
             device=self.root_device,
         )
         module.model = self.pipeline.module  # this rank keeps its stage (named as in the whole model)
@@ -117,11 +118,6 @@ class PipelineStrategyBase:
         """
         pipeline = self.pipeline
         loss, out = pipeline.step(x, target, train=train)
-        if train and self.replicas > 1:
-            for p in pipeline.module.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=self.replica_group)
-                    p.grad.div_(self.replicas)
         value = loss if loss is not None else torch.zeros((), device=self.root_device)
         value = value.to(self.root_device, torch.get_default_dtype()).clone()
         dist.broadcast(value, src=pipeline.global_rank(pipeline.n_stages - 1), group=self.pipeline_group)
