@@ -226,7 +226,8 @@ class CompositeModule(Flavoured):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
     ) -> None:
         clip = getattr(self._trainer.strategy, "clip_grad_norm_", None) if self._trainer is not None else None
-        if clip is not None and gradient_clip_val and str(gradient_clip_algorithm or "norm") == "norm":
+        algorithm = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm"  # an enum in Lightning
+        if clip is not None and gradient_clip_val and algorithm == "norm":
             clip(float(gradient_clip_val))  # the norm over every stage of the pipeline, not this rank's alone
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -117,13 +117,22 @@ class PipelineStrategyBase:
         every stage's gradients are in place afterwards (averaged over the data-parallel copies).
         """
         pipeline = self.pipeline
+        params = list(pipeline.module.parameters())
+        earlier = [p.grad for p in params]  # an accumulation window's earlier batches: Lightning decides their fate
+        if train:
+            for p in params:
+                p.grad = None
         loss, out = pipeline.step(x, target, train=train)
+        handover = _GradsBack(params) if train else None  # this batch's gradients, off the parameters until backward
+        if train:
+            for p, grad in zip(params, earlier):
+                p.grad = grad
         value = loss if loss is not None else torch.zeros((), device=self.root_device)
         value = value.to(self.root_device, torch.get_default_dtype()).clone()
         dist.broadcast(value, src=pipeline.global_rank(pipeline.n_stages - 1), group=self.pipeline_group)
-        if train:
+        if handover is not None:
             value.requires_grad_()
-            value.register_hook(_GradsBack(list(pipeline.module.parameters())))
+            value.register_hook(handover)
         return value, out
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -174,10 +183,11 @@ class PipelineStrategyBase:
 class _GradsBack:
     """Hands the schedule's gradients to Lightning's backward of the returned loss.
 
-    Lightning zeroes gradients between the training step and its backward, and scales the loss
-    it backpropagates (``1 / accumulate_grad_batches``, an AMP scaler's factor). So the
-    schedule's gradients are taken off the parameters when the step ends, and put back, times
-    the gradient that reaches the loss, when Lightning calls ``backward`` on it.
+    Lightning zeroes gradients between the training step and its backward (at the start of an
+    accumulation window), and scales the loss it backpropagates (``1 / accumulate_grad_batches``,
+    an AMP scaler's factor). So the schedule's gradients (computed on parameters without any)
+    are taken off when the step ends, and added, times the gradient that reaches the loss, when
+    Lightning calls ``backward`` on it, as a backward of the loss would have.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter]):
