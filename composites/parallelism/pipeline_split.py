@@ -83,7 +83,7 @@ def check_split(model: Sequential, split: Sequence[Sequence[str]], n_stages: int
         >>> check_split(model, [["encoder"], ["head", "proj"]], 2)
         Traceback (most recent call last):
         ...
-        ValueError: pipeline split [['encoder'], ['head', 'proj']]: the stages must be the Sequential's own, in order, each once: ['encoder', 'proj', 'head']; e.g. split=[[encoder, proj], [head]]
+        ValueError: pipeline split [['encoder'], ['head', 'proj']]: the stages must be the Sequential's own, in order, each once: ['encoder', 'proj', 'head']; e.g. split=[[encoder], [proj, head]]
     """
     groups = [[str(n) for n in ([group] if isinstance(group, str) else group)] for group in split]
     names = list(model.stage_names)

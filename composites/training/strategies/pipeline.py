@@ -18,6 +18,7 @@ every rank's optimizer state; a rank loads its own part back.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,6 +100,8 @@ class PipelineStrategyBase:
             device=self.root_device,
         )
         module.model = self.pipeline.module  # this rank keeps its stage (named as in the whole model)
+        if not self.pipeline.has_last:  # metrics are updated where the output is; the sum over ranks is the value
+            warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric .* before the ``update``")
         copies = f"; {self.replicas} data-parallel copies of it (PP x DP)" if self.replicas > 1 else ""
         rank_zero_info(
             f"{self.pipeline.layout()}; schedule {self.schedule}, up to {self.n_microbatches} microbatches{copies}"
