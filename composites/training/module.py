@@ -262,5 +262,10 @@ class CompositeModule(Flavoured):
         return self._step(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        if self._pipeline_step() is not None:
+            raise NotImplementedError(
+                "predict under trainer=pipeline: this rank holds one stage of the model; load the checkpoint (it holds "
+                "every stage) into a single-process CompositeModule and predict with trainer=cpu (or gpu)"
+            )
         x = batch[0] if isinstance(batch, (tuple, list)) else batch  # (input, target) or input only
         return self.model(x)
