@@ -477,16 +477,3 @@ class Pipeline:
                     f"(cut inside pipeline stage {module.pipeline_index})",
                 )
         return cuts
-
-
-def stage_of(split: Sequence[Sequence[str]], name: str) -> int:
-    """The pipeline stage holding the parameter or buffer ``name`` (``"encoder.weight"`` -> the stage of ``encoder``).
-
-    >>> stage_of([["encoder", "proj"], ["head"]], "head.bias")
-    1
-    """
-    top = name.split(".")[0]
-    for i, group in enumerate(split):
-        if top in group:
-            return i
-    raise KeyError(f"'{name}' belongs to no pipeline stage of {split}")

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..guard import GradientFlowError, GradientGuard, GuardReport, Problem
 from ..guard.sync import gather_problems
 from .pipeline import Pipeline
+from .pipeline_split import stage_of
 
 _REPLACED = ("detached", "not_in_loss", "unused")  # what a stage's own replay says of a cut at its boundary
 
@@ -91,8 +92,7 @@ class PipelineGuard(GradientGuard):
         skip = set(report.frozen_names) | set(report.inactive_names)
         problems = [p for p in report.problems if p.parameter not in self.names]  # not_registered and the like
         for name in self.names:
-            top = name.split(".")[0]
-            index = next(i for i, group in enumerate(pipeline.split) if top in group)
+            index = stage_of(pipeline.split, name)
             downstream = [b for b in cut if b >= index]
             mine = own.get(name)
             if not downstream or name in skip or (mine is not None and mine.cause not in _REPLACED):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
-
 from ..modules import Sequential
 
 
@@ -127,6 +125,14 @@ def stage_layout(groups: Sequence[Sequence[str]], ranks: Sequence[Sequence[int]]
     return "pipeline: " + " | ".join(parts)
 
 
-def owned_parameters(module: nn.Module) -> int:
-    """Number of parameter elements ``module`` holds (what a rank keeps of a pipeline)."""
-    return sum(p.numel() for p in module.parameters())
+def stage_of(split: Sequence[Sequence[str]], name: str) -> int:
+    """The pipeline stage holding the parameter or buffer ``name`` (``"encoder.weight"`` -> the stage of ``encoder``).
+
+    >>> stage_of([["encoder", "proj"], ["head"]], "head.bias")
+    1
+    """
+    top = name.split(".")[0]
+    for i, group in enumerate(split):
+        if top in group:
+            return i
+    raise KeyError(f"'{name}' belongs to no pipeline stage of {split}")

@@ -28,6 +28,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import Tensor
 
 from ...parallelism.pipeline import Pipeline, pipeline_groups
+from ...parallelism.pipeline_split import stage_layout
 
 
 class PipelineStrategyBase:
@@ -102,9 +103,13 @@ class PipelineStrategyBase:
         module.model = self.pipeline.module  # this rank keeps its stage (named as in the whole model)
         if not self.pipeline.has_last:  # metrics are updated where the output is; the sum over ranks is the value
             warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric .* before the ``update``")
-        copies = f"; {self.replicas} data-parallel copies of it (PP x DP)" if self.replicas > 1 else ""
+        size, p = int(size), self.pipeline
+        holders = [
+            [d * size + i % size for d in range(self.replicas)] for i in range(p.n_stages)
+        ]  # pipeline_groups' layout
+        copies = f"; {self.replicas} data-parallel copies (PP x DP)" if self.replicas > 1 else ""
         rank_zero_info(
-            f"{self.pipeline.layout()}; schedule {self.schedule}, up to {self.n_microbatches} microbatches{copies}"
+            f"{stage_layout(p.split, holders)}; schedule {self.schedule}, up to {self.n_microbatches} microbatches{copies}"
         )
 
     @property
