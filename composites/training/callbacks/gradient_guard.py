@@ -109,6 +109,14 @@ class GradientGuardCallbackBase:
     def build_guard(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, trainer: Any) -> GradientGuard:
         """The guard for ``model`` (after any sharding: FSDP2 hands it the sharded model)."""
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        strategy = getattr(trainer, "strategy", None)
+        pipeline = getattr(strategy, "pipeline", None)
+        if pipeline is not None:  # trainer=pipeline: this rank's stage, one verdict over the pipeline
+            from ..parallelism.pipeline_guard import PipelineGuard
+
+            return PipelineGuard(
+                pipeline, optimizer, replica_group=strategy.replica_group, scaler=scaler, **self.options
+            )
         return GradientGuard(model, optimizer, scaler=scaler, **self.options)
 
     def attach(self, pl_module: nn.Module, optimizer: torch.optim.Optimizer | None, trainer: Any = None) -> None:
