@@ -133,6 +133,10 @@ class CompositeModuleBase:
         ]
         # loss sums, logged once per epoch
         self.epoch_means = epoch_means(load_balancing=bool(self.gates), dropped=bool(self.capacity_gates))
+        # training losses of the optimizer step under way: they join the epoch mean once the step is
+        # taken, and not at all when the guard skips it (NaN/Inf gradients), so one bad step does not
+        # make the epoch's train/loss NaN
+        self.unstepped_losses: list[tuple[Tensor, int]] = []
 
     @property
     def guard_mode(self) -> str:
@@ -193,6 +197,7 @@ class CompositeModuleBase:
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.guard_callback.on_before_optimizer_step(self.trainer, self, optimizer)
+        self.count_unstepped_losses(keep=not self.guard_callback.step_skipped)
         if step_is_logged(self.trainer):  # the learning rates on the steps Lightning writes
             logs = {f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
             self.log_dict(logs, on_step=True, on_epoch=False)
@@ -219,7 +224,10 @@ class CompositeModuleBase:
             out = self.model(x)
             loss = self.loss_fn(out, y)
             loss = routing_terms(self, loss, stage, n, log_step)
-        self.epoch_means[f"{stage}_loss"].update(loss, n)
+        if stage == "train":
+            self.unstepped_losses.append((loss.detach(), n))
+        else:
+            self.epoch_means[f"{stage}_loss"].update(loss, n)
         if log_step:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         if metrics is not None and out is not None:
@@ -238,8 +246,16 @@ class CompositeModuleBase:
 
     # A fresh start each epoch (Lightning resets what it logged, but a sanity check or an
     # interrupted epoch may leave state); one self.log per value at the end.
+    def count_unstepped_losses(self, keep: bool = True) -> None:
+        """Add the training losses since the last optimizer step to the epoch mean (``keep``), or drop them."""
+        if keep:
+            for loss, n in self.unstepped_losses:
+                self.epoch_means["train_loss"].update(loss, n)
+        self.unstepped_losses = []
+
     def on_train_epoch_start(self) -> None:
         reset_epoch(self.epoch_means, "train", self.train_metrics)
+        self.unstepped_losses = []
 
     def on_validation_epoch_start(self) -> None:
         reset_epoch(self.epoch_means, "val", self.val_metrics)
@@ -248,6 +264,7 @@ class CompositeModuleBase:
         reset_epoch(self.epoch_means, "test", self.test_metrics)
 
     def on_train_epoch_end(self) -> None:
+        self.count_unstepped_losses()  # a step Lightning never took (an optimizer the user steps by hand)
         log_epoch(self, self.epoch_means, "train", self.train_metrics)
 
     def on_validation_epoch_end(self) -> None:
