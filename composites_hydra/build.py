@@ -15,7 +15,7 @@ from composites.training import using_lightning
 
 from .checks import check_built, check_config, function_target_error
 from .lightning_package import trainer_package
-from .runs import keep_earlier_csv_logs, refuse_to_overwrite
+from .runs import decided, keep_earlier_csv_logs, refuse_to_overwrite
 from .schema import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -74,7 +74,8 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
         raise ConfigError(
             f"unknown top-level key(s) {', '.join(unknown)}; the keys are those of TrainConfig in composites_hydra/schema.py"
         )
-    refuse_to_overwrite(cfg.paths.output_dir, cfg.ckpt_path)  # never delete what an earlier run wrote
+    if not decided(cfg.paths.output_dir):  # rank 0 decided for the whole run (KeepEarlierRuns)
+        refuse_to_overwrite(cfg.paths.output_dir, cfg.ckpt_path)  # never delete what an earlier run wrote
     check_config(cfg, _command_line())
     try:
         package = trainer_package(cfg.trainer._target_)

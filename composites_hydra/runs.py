@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from .ranks import DECIDED_RUN_DIR, agree, detect_launch
 
 
 def keep_earlier_csv_logs(logger: dict[str, Any]) -> None:
@@ -65,6 +67,18 @@ def earlier_run_files(run_dir: str | Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in found)
 
 
+def decided(run_dir: str | Path) -> bool:
+    """Whether rank 0 of this run has taken the run-directory decision for ``run_dir`` (:class:`KeepEarlierRuns`).
+
+    Then this process follows it: the files there may be this very run's (another rank's, or
+    Hydra's record of this run), not an earlier run's.
+
+    >>> decided("/runs/never-decided")
+    False
+    """
+    return os.environ.get(DECIDED_RUN_DIR) == str(Path(run_dir).absolute())
+
+
 def refuse_to_overwrite(run_dir: str | Path, ckpt_path: str | None, config_subdir: str | None = None) -> None:
     """Stop a fresh run (no ``ckpt_path``) whose run directory holds an earlier run's results.
 
@@ -117,31 +131,136 @@ class KeepEarlierRuns(Callback):
 
     A fresh run into a directory that holds an earlier run stops here, before Hydra overwrites
     ``.hydra/config.yaml`` and ``overrides.yaml``; a resume writes its own to ``.hydra/resume-<n>/``.
-    Sweeps (``-m``) get a fresh directory per job and are left alone.
 
+    Several ranks, one decision (:mod:`composites_hydra.ranks`): under srun or torchrun every
+    process composes its own config, so global rank 0 alone decides (fresh, resume or refuse)
+    and every rank follows it. **The run directory of every rank is rank 0's**: the
+    ``hydra.run.dir`` rank 0 composed (the one given, else ``outputs/<date>/<time>/`` of rank
+    0's start); rank 0 records the config in ``.hydra/`` and logs to ``<job name>.log``, rank k to
+    ``<job name>_rank_<k>.log``, and no rank ever refuses a directory because another rank of
+    the same run wrote into it. A refusal stops every rank at once and writes nothing.
+
+    A ``-m`` sweep into a sweep directory that holds an earlier sweep stops before Hydra writes
+    a file, unless it resumes (``ckpt_path`` set): then every job records its config in
+    ``.hydra/resume-<n>/`` and the earlier ``multirun.yaml`` is kept as ``multirun-<n>.yaml``.
+
+    >>> import tempfile
     >>> from omegaconf import OmegaConf
-    >>> cfg = OmegaConf.create({"hydra": {"run": {"dir": "/nonexistent"}, "output_subdir": ".hydra"}, "ckpt_path": None})
+    >>> run = Path(tempfile.mkdtemp()) / "run"
+    >>> cfg = OmegaConf.create({"hydra": {"run": {"dir": str(run)}, "output_subdir": ".hydra",
+    ...                                    "job": {"name": "train"}}, "ckpt_path": None})
     >>> KeepEarlierRuns().on_run_start(cfg); cfg.hydra.output_subdir  # a fresh directory: nothing to keep
     '.hydra'
+    >>> os.environ.pop(DECIDED_RUN_DIR) == str(run)  # what build() and the ranks Lightning starts follow
+    True
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        subdir = config.hydra.output_subdir
+        subdir = None if config.hydra.output_subdir is None else str(config.hydra.output_subdir)
         try:
-            run_dir = Path(str(config.hydra.run.dir))
+            run_dir = Path(str(config.hydra.run.dir)).absolute()
         except Exception:  # an interpolation Hydra resolves later: nothing to compare yet
+            return
+        launch = detect_launch()
+        if launch is None and os.environ.get(DECIDED_RUN_DIR) == str(run_dir):
+            return  # started by Lightning's launcher for rank 0's run: rank 0 has decided
+        decision = agree(lambda: decide_run(run_dir, config.get("ckpt_path"), subdir), launch)
+        with read_write(config.hydra), open_dict(config.hydra):
+            if launch is None or launch.is_zero:
+                config.hydra.output_subdir = decision["output_subdir"]
+            else:  # rank 0's directory; rank 0 alone records the config
+                config.hydra.run.dir = decision["run_dir"]
+                config.hydra.output_subdir = None
+                config.hydra.job.name = f"{config.hydra.job.name}_rank_{launch.rank}"
+        os.environ[DECIDED_RUN_DIR] = decision["run_dir"]  # build() and the ranks Lightning starts follow it
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            sweep = Path(str(config.hydra.sweep.dir)).absolute()
+        except Exception:  # an interpolation Hydra resolves later
             return
         from .build import ConfigError
 
         try:
-            refuse_to_overwrite(run_dir, config.get("ckpt_path"), None if subdir is None else str(subdir))
+            subdir = str(OmegaConf.to_container(config.hydra.sweep)["subdir"])  # unresolved: ${hydra.job.num}
+            n = earlier_sweep_resume(sweep, config.get("ckpt_path"), subdir)
         except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(1) from None
-        if subdir is None or not (run_dir / str(subdir) / "config.yaml").exists():
+            raise SystemExit(f"error: {error}") from None
+        if n is None:
             return
-        n = 1  # a resume: its config goes next to the first run's, not over it
-        while (run_dir / str(subdir) / f"resume-{n}").exists():
-            n += 1
+        subdir = config.hydra.output_subdir
         with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.output_subdir = f"{subdir}/resume-{n}"
+            # each job's config is composed again from these overrides: its record goes beside the first
+            config.hydra.overrides.hydra.append(f"hydra.output_subdir={subdir}/resume-{n}")
+        (sweep / "multirun.yaml").rename(sweep / f"multirun-{n}.yaml")
+
+
+def decide_run(run_dir: Path, ckpt_path: str | None, subdir: str | None) -> dict[str, Any]:
+    """Rank 0's decision for a run into ``run_dir``: where Hydra records the config, or why the run is refused.
+
+    Returns ``{"run_dir", "output_subdir", "error"}``: ``error`` is None or the refusal's message.
+    A directory that cannot be created is refused here too, before Hydra tries.
+
+    >>> import tempfile
+    >>> decide_run(Path(tempfile.mkdtemp()) / "run", None, ".hydra")["output_subdir"]
+    '.hydra'
+    """
+    from .build import ConfigError
+
+    decision: dict[str, Any] = {"run_dir": str(run_dir), "output_subdir": subdir, "error": None}
+    try:
+        refuse_to_overwrite(run_dir, ckpt_path, subdir)
+    except ConfigError as error:
+        return {**decision, "error": str(error)}
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        return {
+            **decision,
+            "error": f"hydra.run.dir={run_dir} cannot be written ({error.strerror or error}: {error.filename}); "
+            "choose a directory you can write to, e.g. hydra.run.dir=outputs/<name>",
+        }
+    if subdir is not None and (run_dir / subdir / "config.yaml").exists():
+        n = 1  # a resume: its config goes next to the first run's, not over it
+        while (run_dir / subdir / f"resume-{n}").exists():
+            n += 1
+        decision["output_subdir"] = f"{subdir}/resume-{n}"
+    return decision
+
+
+def earlier_sweep_resume(sweep_dir: Path, ckpt_path: str | None, job_subdir: str) -> int | None:
+    """For a ``-m`` sweep into ``sweep_dir``: None when it holds no earlier sweep, else the resume number ``n``.
+
+    Raises:
+        ConfigError: a fresh sweep (no ``ckpt_path``) into a used sweep directory, or job directories
+            that do not differ between jobs (``hydra.sweep.subdir`` without the job number).
+
+    >>> earlier_sweep_resume(Path("/nonexistent"), None, "${hydra.job.num}") is None
+    True
+    """
+    from .build import ConfigError
+
+    if "${" not in job_subdir:
+        raise ConfigError(
+            f"hydra.sweep.subdir={job_subdir} is the same for every job: they would overwrite each other; "
+            "keep its default ${hydra.job.num} or include it"
+        )
+    earlier = sorted(str(p.relative_to(sweep_dir)) for p in sweep_dir.glob("*/.hydra/config.yaml"))
+    if (sweep_dir / "multirun.yaml").exists():
+        earlier.insert(0, "multirun.yaml")
+    if not earlier:
+        return None
+    if ckpt_path is None:
+        shown = ", ".join(earlier[:3]) + (f" (+{len(earlier) - 3} more)" if len(earlier) > 3 else "")
+        raise ConfigError(
+            f"the sweep directory hydra.sweep.dir={sweep_dir} already holds a sweep ({shown}); nothing was changed.\n"
+            f"  resume it:   add ckpt_path=auto (same hydra.sweep.dir and sweep overrides)\n"
+            f"  start fresh: leave hydra.sweep.dir out (a new multirun/<date>/<time>/) or choose an empty one"
+        )
+    n = 1
+    while (sweep_dir / f"multirun-{n}.yaml").exists() or any(sweep_dir.glob(f"*/.hydra/resume-{n}")):
+        n += 1
+    return n
