@@ -15,7 +15,7 @@ from composites.training import using_lightning
 
 from .checks import check_built, check_config, function_target_error
 from .lightning_package import trainer_package
-from .runs import decided, keep_earlier_csv_logs, refuse_to_overwrite
+from .runs import check_resume, checkpoint_to_resume, decided, keep_earlier_csv_logs, refuse_to_overwrite
 from .schema import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -85,6 +85,9 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
         cfg.monitor_mode = "min" if "loss" in cfg.monitor else "max"
     # Resolve once, enums as plain strings ("raise", "max"), so objects get ordinary values.
     conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    checkpoint = None if decided(cfg.paths.output_dir) else checkpoint_to_resume(cfg.ckpt_path, cfg.paths.output_dir)
+    if checkpoint is not None:  # under the script, KeepEarlierRuns checked before Hydra wrote anything
+        check_resume(checkpoint, conf["model"], conf["data"])
     if conf["logger"] and cfg.ckpt_path is not None:
         keep_earlier_csv_logs(conf["logger"])
     # composites' own Lightning classes for the Trainer's package; Lightning's come from configs that

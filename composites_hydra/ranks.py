@@ -254,7 +254,9 @@ def agree(decide: Callable[[], dict[str, Any]], launch: Launch | None = None) ->
         if not decision.get("error"):
             _CURRENT.watch(_exit_now)
     if decision.get("error"):
-        who = f" (rank {launch.rank} of {launch.world_size}, as rank 0 decided)" if launch and not launch.is_zero else ""
+        who = (
+            f" (rank {launch.rank} of {launch.world_size}, as rank 0 decided)" if launch and not launch.is_zero else ""
+        )
         raise SystemExit(f"error{who}: {decision['error']}")
     return decision
 

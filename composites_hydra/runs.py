@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 from pathlib import Path
@@ -11,6 +12,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from .ranks import DECIDED_RUN_DIR, agree, detect_launch
+
+log = logging.getLogger(__name__)
 
 
 def keep_earlier_csv_logs(logger: dict[str, Any]) -> None:
@@ -51,7 +54,126 @@ def resume_path(ckpt_path: str | None, run_dir: str) -> str | None:
     run = Path(run_dir)
     if any(run.glob("hpc_ckpt_*.ckpt")):
         return None
-    return "last" if any(run.glob("**/last*.ckpt")) else None
+    if any(run.glob("**/last*.ckpt")):
+        return "last"
+    if is_global_zero_by_env():
+        log.warning(
+            f"ckpt_path=auto: nothing to resume in {run.absolute()} (no last.ckpt, no hpc_ckpt_*.ckpt): "
+            "training from scratch. To resume an earlier run, give its directory: hydra.run.dir=<that run's dir>"
+        )
+    return None
+
+
+def checkpoint_to_resume(ckpt_path: str | None, run_dir: str | Path) -> Path | None:
+    """The file a run with ``ckpt_path`` will resume from in ``run_dir`` (what Lightning will pick), or None.
+
+    ``auto``/``last``: the newest ``hpc_ckpt_*.ckpt``, else the newest ``last*.ckpt``; a path: that file.
+
+    >>> checkpoint_to_resume("auto", "/nonexistent") is None
+    True
+    """
+    if ckpt_path is None:
+        return None
+    run = Path(run_dir)
+    if ckpt_path in ("auto", "last", "hpc"):
+        found = sorted(run.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found and ckpt_path != "hpc":
+            found = sorted(run.glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+    return Path(ckpt_path)
+
+
+def check_resume(checkpoint: Path, model: Any, data: dict[str, Any] | None) -> None:
+    """Refuse a resume whose checkpoint cannot be continued exactly by this config, before anything is written.
+
+    - ``model``: the config's ``model`` node, built on the ``meta`` device (no memory, no data):
+      every parameter and buffer must be in the checkpoint with the same shape, and nothing more.
+    - ``data``: the ``data`` node; when the checkpoint stopped mid-epoch, every setting it carries
+      (``datamodule_hyper_parameters``: batch size, split fractions, seed, ...) must be the same,
+      or the rest of that epoch would not be the batches the first run had left (some samples
+      trained twice, others never). Refusing loses nothing; at an epoch boundary they may change.
+
+    Raises:
+        ConfigError: naming the sub-models and shapes that differ, or the data settings and the
+            two ways on; a checkpoint that does not exist.
+
+    >>> check_resume(Path("/nonexistent.ckpt"), None, None)
+    Traceback (most recent call last):
+    ...
+    composites_hydra.build.ConfigError: ckpt_path=/nonexistent.ckpt: no such file; ...
+    """
+    from .build import ConfigError
+
+    if not checkpoint.is_file():
+        raise ConfigError(f"ckpt_path={checkpoint}: no such file; give a checkpoint file, or ckpt_path=auto")
+    import torch
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    if model is not None:
+        differences = _model_differences(saved.get("state_dict", {}), model)
+        if differences:
+            raise ConfigError(
+                f"ckpt_path={checkpoint} holds another model than this config's; nothing was changed:\n"
+                + "\n".join(f"  {line}" for line in differences)
+                + "\n  resume with the model it was trained with (its run's .hydra/config.yaml), "
+                "or start a new run without ckpt_path"
+            )
+    carried = saved.get("datamodule_hyper_parameters") or {}
+    changed = {k: (v, (data or {}).get(k)) for k, v in carried.items() if k in (data or {}) and data[k] != v}
+    progress = saved.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    done = int(progress.get("current", {}).get("completed", 0))
+    if changed and done and not progress.get("is_last_batch", False):
+        settings = ", ".join(f"data.{k}={new} (the checkpoint's run had {old})" for k, (old, new) in changed.items())
+        keep = " ".join(f"data.{k}={old}" for k, (old, _) in changed.items())
+        raise ConfigError(
+            f"ckpt_path={checkpoint} stopped mid-epoch (epoch {saved.get('epoch', '?')}, after {done} batches) and "
+            f"{settings}: the rest of that epoch would not be the samples the first run left (some trained twice, "
+            f"some never). Nothing was changed.\n"
+            f"  resume exactly: add {keep}\n"
+            f"  change them:    resume from a checkpoint taken at the end of an epoch"
+        )
+
+
+def _model_differences(state: dict[str, Any], model_node: Any) -> list[str]:
+    """Lines naming what differs between a checkpoint's ``state_dict`` and the model ``model_node`` builds."""
+    import torch
+    from hydra.utils import instantiate
+
+    try:
+        with torch.device("meta"):
+            model = instantiate(model_node, _convert_="all")
+        wanted = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
+    except Exception:  # noqa: BLE001 (build() reports a model that cannot be built, with its own message)
+        return []
+    have = {k: tuple(v.shape) for k, v in state.items() if k.startswith("model.")}
+
+    def owner(key: str) -> str:
+        return key.split(".")[1] if key.count(".") > 1 else key
+
+    lines = []
+    shapes = [k for k in wanted if k in have and wanted[k] != have[k]]
+    if shapes:
+        lines.append(
+            "shapes: "
+            + "; ".join(f"{k[6:]} {list(have[k])} in the checkpoint, {list(wanted[k])} here" for k in shapes[:6])
+        )
+    for what, keys in (("only in the checkpoint", have.keys() - wanted), ("only in this config", wanted.keys() - have)):
+        if keys:
+            subs = sorted({owner(k) for k in keys})
+            lines.append(f"{what}: sub-model(s) {', '.join(subs)} ({len(keys)} tensors, e.g. {sorted(keys)[0][6:]})")
+    return lines
+
+
+def is_global_zero_by_env() -> bool:
+    """Whether this process is global rank 0 as its launcher's variables say (before any process group).
+
+    >>> is_global_zero_by_env()
+    True
+    """
+    launch = detect_launch()
+    if launch is not None:
+        return launch.is_zero
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def earlier_run_files(run_dir: str | Path) -> list[str]:
@@ -164,7 +286,7 @@ class KeepEarlierRuns(Callback):
         launch = detect_launch()
         if launch is None and os.environ.get(DECIDED_RUN_DIR) == str(run_dir):
             return  # started by Lightning's launcher for rank 0's run: rank 0 has decided
-        decision = agree(lambda: decide_run(run_dir, config.get("ckpt_path"), subdir), launch)
+        decision = agree(lambda: decide_run(run_dir, config.get("ckpt_path"), subdir, *_model_and_data(config)), launch)
         with read_write(config.hydra), open_dict(config.hydra):
             if launch is None or launch.is_zero:
                 config.hydra.output_subdir = decision["output_subdir"]
@@ -195,11 +317,26 @@ class KeepEarlierRuns(Callback):
         (sweep / "multirun.yaml").rename(sweep / f"multirun-{n}.yaml")
 
 
-def decide_run(run_dir: Path, ckpt_path: str | None, subdir: str | None) -> dict[str, Any]:
+def _model_and_data(config: DictConfig) -> tuple[Any, dict[str, Any] | None]:
+    """The resolved ``model`` and ``data`` nodes of a composed config (None where they cannot be resolved yet)."""
+    nodes = []
+    for key in ("model", "data"):
+        try:
+            nodes.append(OmegaConf.to_container(config[key], resolve=True, enum_to_str=True))
+        except Exception:  # noqa: BLE001 (missing, or an interpolation only the job resolves: build() checks later)
+            nodes.append(None)
+    return nodes[0], nodes[1]
+
+
+def decide_run(
+    run_dir: Path, ckpt_path: str | None, subdir: str | None, model: Any = None, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Rank 0's decision for a run into ``run_dir``: where Hydra records the config, or why the run is refused.
 
     Returns ``{"run_dir", "output_subdir", "error"}``: ``error`` is None or the refusal's message.
-    A directory that cannot be created is refused here too, before Hydra tries.
+    A directory that cannot be created is refused here too, before Hydra tries, and so is a
+    resume that cannot continue the checkpoint's run (:func:`check_resume` with the config's
+    ``model`` and ``data`` nodes), so a refused resume leaves no ``.hydra/resume-<n>/`` behind.
 
     >>> import tempfile
     >>> decide_run(Path(tempfile.mkdtemp()) / "run", None, ".hydra")["output_subdir"]
@@ -210,6 +347,9 @@ def decide_run(run_dir: Path, ckpt_path: str | None, subdir: str | None) -> dict
     decision: dict[str, Any] = {"run_dir": str(run_dir), "output_subdir": subdir, "error": None}
     try:
         refuse_to_overwrite(run_dir, ckpt_path, subdir)
+        checkpoint = checkpoint_to_resume(ckpt_path, run_dir)
+        if checkpoint is not None:
+            check_resume(checkpoint, model, data)
     except ConfigError as error:
         return {**decision, "error": str(error)}
     try:

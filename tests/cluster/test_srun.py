@@ -59,7 +59,6 @@ def test_srun_without_a_run_dir_trains_in_one_directory_and_a_fresh_run_into_it_
     assert files(run) == before and seconds < 90  # nothing written, nobody left waiting
 
 
-
 def test_a_rank_that_fails_before_the_process_group_is_up_stops_the_other_with_its_message(tmp_path):
     # rank 1 alone gets a callback that does not exist: it fails in build, rank 0 waits in the rendezvous
     trainer = "trainer.num_nodes=$SLURM_NNODES trainer.devices=$SLURM_NTASKS_PER_NODE trainer.enable_progress_bar=false"
