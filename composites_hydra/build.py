@@ -87,7 +87,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     checkpoint = None if decided(cfg.paths.output_dir) else checkpoint_to_resume(cfg.ckpt_path, cfg.paths.output_dir)
     if checkpoint is not None:  # under the script, KeepEarlierRuns checked before Hydra wrote anything
-        check_resume(checkpoint, conf["model"], conf["data"])
+        check_resume(checkpoint, conf["model"], conf["data"], conf["seed"])
     if conf["logger"] and cfg.ckpt_path is not None:
         keep_earlier_csv_logs(conf["logger"])
     # composites' own Lightning classes for the Trainer's package; Lightning's come from configs that

@@ -83,7 +83,7 @@ def checkpoint_to_resume(ckpt_path: str | None, run_dir: str | Path) -> Path | N
     return Path(ckpt_path)
 
 
-def check_resume(checkpoint: Path, model: Any, data: dict[str, Any] | None) -> None:
+def check_resume(checkpoint: Path, model: Any, data: dict[str, Any] | None, seed: int | None = None) -> None:
     """Refuse a resume whose checkpoint cannot be continued exactly by this config, before anything is written.
 
     - ``model``: the config's ``model`` node, built on the ``meta`` device (no memory, no data):
@@ -91,7 +91,9 @@ def check_resume(checkpoint: Path, model: Any, data: dict[str, Any] | None) -> N
     - ``data``: the ``data`` node; when the checkpoint stopped mid-epoch, every setting it carries
       (``datamodule_hyper_parameters``: batch size, split fractions, seed, ...) must be the same,
       or the rest of that epoch would not be the batches the first run had left (some samples
-      trained twice, others never). Refusing loses nothing; at an epoch boundary they may change.
+      trained twice, others never); so must the training ``seed`` (it shuffles the epochs), as
+      the checkpoint's run recorded it (:func:`recorded_config`). Refusing loses nothing; at an
+      epoch boundary they may change.
 
     Raises:
         ConfigError: naming the sub-models and shapes that differ, or the data settings and the
@@ -119,12 +121,15 @@ def check_resume(checkpoint: Path, model: Any, data: dict[str, Any] | None) -> N
                 "or start a new run without ckpt_path"
             )
     carried = saved.get("datamodule_hyper_parameters") or {}
-    changed = {k: (v, (data or {}).get(k)) for k, v in carried.items() if k in (data or {}) and data[k] != v}
+    changed = {f"data.{k}": (v, data[k]) for k, v in carried.items() if k in (data or {}) and data[k] != v}
+    recorded = recorded_config(checkpoint)
+    if seed is not None and recorded is not None and recorded.get("seed", seed) != seed:
+        changed["seed"] = (recorded["seed"], seed)  # the training seed shuffles the epochs
     progress = saved.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
     done = int(progress.get("current", {}).get("completed", 0))
     if changed and done and not progress.get("is_last_batch", False):
-        settings = ", ".join(f"data.{k}={new} (the checkpoint's run had {old})" for k, (old, new) in changed.items())
-        keep = " ".join(f"data.{k}={old}" for k, (old, _) in changed.items())
+        settings = ", ".join(f"{k}={new} (the checkpoint's run had {old})" for k, (old, new) in changed.items())
+        keep = " ".join(f"{k}={old}" for k, (old, _) in changed.items())
         raise ConfigError(
             f"ckpt_path={checkpoint} stopped mid-epoch (epoch {saved.get('epoch', '?')}, after {done} batches) and "
             f"{settings}: the rest of that epoch would not be the samples the first run left (some trained twice, "
@@ -132,6 +137,21 @@ def check_resume(checkpoint: Path, model: Any, data: dict[str, Any] | None) -> N
             f"  resume exactly: add {keep}\n"
             f"  change them:    resume from a checkpoint taken at the end of an epoch"
         )
+
+
+def recorded_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The config the run that wrote ``checkpoint`` recorded (its newest ``.hydra/[resume-<n>/]config.yaml``), if any.
+
+    >>> recorded_config(Path("/nonexistent/checkpoints/last.ckpt")) is None
+    True
+    """
+    for run in (checkpoint.parent.parent, checkpoint.parent):  # checkpoints/<name>.ckpt, or hpc_ckpt_*.ckpt
+        records = sorted(run.glob(".hydra/resume-*/config.yaml"), key=lambda p: int(p.parent.name.split("-")[-1]))
+        records = records or [run / ".hydra" / "config.yaml"]
+        if records[-1].is_file():
+            loaded = OmegaConf.to_container(OmegaConf.load(records[-1]))
+            return loaded if isinstance(loaded, dict) else None
+    return None
 
 
 def _model_differences(state: dict[str, Any], model_node: Any) -> list[str]:
@@ -286,7 +306,9 @@ class KeepEarlierRuns(Callback):
         launch = detect_launch()
         if launch is None and os.environ.get(DECIDED_RUN_DIR) == str(run_dir):
             return  # started by Lightning's launcher for rank 0's run: rank 0 has decided
-        decision = agree(lambda: decide_run(run_dir, config.get("ckpt_path"), subdir, *_model_and_data(config)), launch)
+        decision = agree(
+            lambda: decide_run(run_dir, config.get("ckpt_path"), subdir, *_model_data_seed(config)), launch
+        )
         with read_write(config.hydra), open_dict(config.hydra):
             if launch is None or launch.is_zero:
                 config.hydra.output_subdir = decision["output_subdir"]
@@ -317,19 +339,25 @@ class KeepEarlierRuns(Callback):
         (sweep / "multirun.yaml").rename(sweep / f"multirun-{n}.yaml")
 
 
-def _model_and_data(config: DictConfig) -> tuple[Any, dict[str, Any] | None]:
-    """The resolved ``model`` and ``data`` nodes of a composed config (None where they cannot be resolved yet)."""
-    nodes = []
-    for key in ("model", "data"):
+def _model_data_seed(config: DictConfig) -> tuple[Any, ...]:
+    """The resolved ``model``, ``data`` and ``seed`` of a composed config (None where they cannot be resolved yet)."""
+    values = []
+    for key in ("model", "data", "seed"):
         try:
-            nodes.append(OmegaConf.to_container(config[key], resolve=True, enum_to_str=True))
+            node = config[key]
+            values.append(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node)
         except Exception:  # noqa: BLE001 (missing, or an interpolation only the job resolves: build() checks later)
-            nodes.append(None)
-    return nodes[0], nodes[1]
+            values.append(None)
+    return tuple(values)
 
 
 def decide_run(
-    run_dir: Path, ckpt_path: str | None, subdir: str | None, model: Any = None, data: dict[str, Any] | None = None
+    run_dir: Path,
+    ckpt_path: str | None,
+    subdir: str | None,
+    model: Any = None,
+    data: dict[str, Any] | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Rank 0's decision for a run into ``run_dir``: where Hydra records the config, or why the run is refused.
 
@@ -349,7 +377,7 @@ def decide_run(
         refuse_to_overwrite(run_dir, ckpt_path, subdir)
         checkpoint = checkpoint_to_resume(ckpt_path, run_dir)
         if checkpoint is not None:
-            check_resume(checkpoint, model, data)
+            check_resume(checkpoint, model, data, seed)
     except ConfigError as error:
         return {**decision, "error": str(error)}
     try:

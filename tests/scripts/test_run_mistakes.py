@@ -108,3 +108,8 @@ def test_a_resume_into_a_run_of_another_model_is_refused_naming_the_sub_models_a
     assert "only in this config: sub-model(s) fuse" in done.stderr
     assert "Traceback" not in done.stderr and files(stopped_run) == before
     assert not list(stopped_run.glob("**/resume-*"))
+
+
+def test_a_mid_epoch_resume_with_another_training_seed_is_refused(stopped_run):
+    with pytest.raises(ConfigError, match=r"seed=1 \(the checkpoint's run had 0\).*\n  resume exactly: add seed=0"):
+        train.train(compose_train(stopped_run, [*RUN, "ckpt_path=auto", "seed=1"]))
