@@ -278,7 +278,7 @@ class KeepEarlierRuns(Callback):
     process composes its own config, so global rank 0 alone decides (fresh, resume or refuse)
     and every rank follows it. **The run directory of every rank is rank 0's**: the
     ``hydra.run.dir`` rank 0 composed (the one given, else ``outputs/<date>/<time>/`` of rank
-    0's start); rank 0 records the config in ``.hydra/`` and logs to ``<job name>.log``, rank k to
+    0's start, ``<time>-<n>`` when another run took that second); rank 0 records the config in ``.hydra/`` and logs to ``<job name>.log``, rank k to
     ``<job name>_rank_<k>.log``, and no rank ever refuses a directory because another rank of
     the same run wrote into it. A refusal stops every rank at once and writes nothing.
 
@@ -306,14 +306,15 @@ class KeepEarlierRuns(Callback):
         launch = detect_launch()
         if launch is None and os.environ.get(DECIDED_RUN_DIR) == str(run_dir):
             return  # started by Lightning's launcher for rank 0's run: rank 0 has decided
+        timestamped = "${now:" in str(OmegaConf.to_container(config.hydra.run)["dir"])  # not chosen by the user
         decision = agree(
-            lambda: decide_run(run_dir, config.get("ckpt_path"), subdir, *_model_data_seed(config)), launch
+            lambda: decide_run(run_dir, config.get("ckpt_path"), subdir, *_model_data_seed(config), timestamped), launch
         )
         with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = decision["run_dir"]  # rank 0's, the same on every rank
             if launch is None or launch.is_zero:
                 config.hydra.output_subdir = decision["output_subdir"]
-            else:  # rank 0's directory; rank 0 alone records the config
-                config.hydra.run.dir = decision["run_dir"]
+            else:  # rank 0 alone records the config
                 config.hydra.output_subdir = None
                 config.hydra.job.name = f"{config.hydra.job.name}_rank_{launch.rank}"
         os.environ[DECIDED_RUN_DIR] = decision["run_dir"]  # build() and the ranks Lightning starts follow it
@@ -358,8 +359,13 @@ def decide_run(
     model: Any = None,
     data: dict[str, Any] | None = None,
     seed: int | None = None,
+    timestamped: bool = False,
 ) -> dict[str, Any]:
     """Rank 0's decision for a run into ``run_dir``: where Hydra records the config, or why the run is refused.
+
+    ``timestamped``: ``run_dir`` is Hydra's ``outputs/<date>/<time>``, not one the user chose; a
+    run that started in the same second already has it, so this run takes ``<time>-1`` (``-2``, ...),
+    created atomically, instead of landing on that run's files.
 
     Returns ``{"run_dir", "output_subdir", "error"}``: ``error`` is None or the refusal's message.
     A directory that cannot be created is refused here too, before Hydra tries, and so is a
@@ -372,6 +378,8 @@ def decide_run(
     """
     from .build import ConfigError
 
+    if timestamped:
+        run_dir = _claim(run_dir)
     decision: dict[str, Any] = {"run_dir": str(run_dir), "output_subdir": subdir, "error": None}
     try:
         refuse_to_overwrite(run_dir, ckpt_path, subdir)
@@ -397,6 +405,21 @@ def decide_run(
             n += 1
         decision["output_subdir"] = f"{subdir}/resume-{n}"
     return decision
+
+
+def _claim(run_dir: Path) -> Path:
+    """``run_dir``, or the first free ``<run_dir>-<n>``, created by this process (``mkdir`` is atomic)."""
+    candidate, n = run_dir, 0
+    while True:
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = run_dir.with_name(f"{run_dir.name}-{n}")
+        except OSError:  # not writable: the check after this says so
+            return candidate
 
 
 def earlier_sweep_resume(sweep_dir: Path, ckpt_path: str | None, job_subdir: str) -> int | None:

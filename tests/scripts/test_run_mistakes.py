@@ -113,3 +113,18 @@ def test_a_resume_into_a_run_of_another_model_is_refused_naming_the_sub_models_a
 def test_a_mid_epoch_resume_with_another_training_seed_is_refused(stopped_run):
     with pytest.raises(ConfigError, match=r"seed=1 \(the checkpoint's run had 0\).*\n  resume exactly: add seed=0"):
         train.train(compose_train(stopped_run, [*RUN, "ckpt_path=auto", "seed=1"]))
+
+
+def test_a_run_that_starts_in_the_same_second_as_another_gets_its_own_directory(tmp_path):
+    from composites_hydra.runs import decide_run
+
+    same_second = tmp_path / "outputs" / "2026-01-01" / "12-00-00"  # what ${now:...} gives both
+    first = decide_run(same_second, None, ".hydra", timestamped=True)
+    second = decide_run(same_second, None, ".hydra", timestamped=True)
+    chosen = decide_run(same_second, None, ".hydra")  # a hydra.run.dir the user gave is kept (and checked)
+    assert (first["run_dir"], second["run_dir"], chosen["run_dir"]) == (
+        str(same_second),
+        f"{same_second}-1",
+        str(same_second),
+    )
+    assert sorted(p.name for p in same_second.parent.iterdir()) == ["12-00-00", "12-00-00-1"]
