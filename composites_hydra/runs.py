@@ -106,11 +106,19 @@ def check_resume(checkpoint: Path, model: Any, data: dict[str, Any] | None, seed
     """
     from .build import ConfigError
 
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         raise ConfigError(f"ckpt_path={checkpoint}: no such file; give a checkpoint file, or ckpt_path=auto")
+    if checkpoint.is_dir():  # a sharded (distributed) checkpoint: Lightning's strategy checks it when it loads
+        return
     import torch
 
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    try:  # mmap: only what is read is loaded, however large the weights
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 (not a zip-format file: load it whole, or say it cannot be read)
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        except Exception as error:  # noqa: BLE001
+            raise ConfigError(f"ckpt_path={checkpoint} cannot be read as a checkpoint ({error})") from None
     if model is not None:
         differences = _model_differences(saved.get("state_dict", {}), model)
         if differences:
@@ -278,9 +286,10 @@ class KeepEarlierRuns(Callback):
     process composes its own config, so global rank 0 alone decides (fresh, resume or refuse)
     and every rank follows it. **The run directory of every rank is rank 0's**: the
     ``hydra.run.dir`` rank 0 composed (the one given, else ``outputs/<date>/<time>/`` of rank
-    0's start, ``<time>-<n>`` when another run took that second); rank 0 records the config in ``.hydra/`` and logs to ``<job name>.log``, rank k to
-    ``<job name>_rank_<k>.log``, and no rank ever refuses a directory because another rank of
-    the same run wrote into it. A refusal stops every rank at once and writes nothing.
+    0's start, ``<time>-<n>`` when another run took that second). Rank 0 records the config in
+    ``.hydra/`` and logs to ``<job name>.log``, rank k to ``<job name>_rank_<k>.log``; no rank
+    ever refuses a directory because another rank of the same run wrote into it. A refusal
+    stops every rank at once and writes nothing.
 
     A ``-m`` sweep into a sweep directory that holds an earlier sweep stops before Hydra writes
     a file, unless it resumes (``ckpt_path`` set): then every job records its config in
@@ -337,7 +346,8 @@ class KeepEarlierRuns(Callback):
         with read_write(config.hydra), open_dict(config.hydra):
             # each job's config is composed again from these overrides: its record goes beside the first
             config.hydra.overrides.hydra.append(f"hydra.output_subdir={subdir}/resume-{n}")
-        (sweep / "multirun.yaml").rename(sweep / f"multirun-{n}.yaml")
+        if (sweep / "multirun.yaml").exists():  # Hydra writes the resumed sweep's own; the first one stays
+            (sweep / "multirun.yaml").rename(sweep / f"multirun-{n}.yaml")
 
 
 def _model_data_seed(config: DictConfig) -> tuple[Any, ...]:
