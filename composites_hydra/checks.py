@@ -15,11 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-def _error(message: str) -> Exception:
-    from .build import ConfigError
-
-    return ConfigError(message)
+from .errors import ConfigError
 
 
 def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
@@ -28,16 +24,16 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     >>> check_config(OmegaConf.create({"trainer": {"accumulate_grad_batches": 0}, "scheduler": None}))
     Traceback (most recent call last):
     ...
-    composites_hydra.build.ConfigError: trainer.accumulate_grad_batches=0: it must be a positive integer (1: no accumulation)
+    composites_hydra.errors.ConfigError: trainer.accumulate_grad_batches=0: it must be a positive integer (1: no accumulation)
     """
     accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
     if isinstance(accumulate, int) and accumulate < 1:
-        raise _error(
+        raise ConfigError(
             f"trainer.accumulate_grad_batches={accumulate}: it must be a positive integer (1: no accumulation)"
         )
     scheduler = OmegaConf.select(cfg, "scheduler")
     if isinstance(scheduler, str):
-        raise _error(
+        raise ConfigError(
             f"scheduler={scheduler}: a scheduler is a config node with a _target_, not a name, e.g. "
             f"scheduler='{{_target_: torch.optim.lr_scheduler.{scheduler}, _partial_: true, T_max: 10}}'"
         )
@@ -81,7 +77,7 @@ def function_target_error(error: Exception, node: str = "model") -> Exception | 
     if isinstance(obj, type):
         return None
     where = f"{node}.{key.group(1)}" if key else node
-    return _error(
+    return ConfigError(
         f"{where}._target_={target.group(1)} is a function, not a module class: a stage or branch must be an "
         "nn.Module. Use a module class (torch.nn.ReLU for torch.nn.functional.relu) or wrap the function in one"
     )
@@ -108,7 +104,7 @@ def check_built(cfg: DictConfig, module: Any) -> None:
     names = logged_names(module)
     monitor = cfg.monitor
     if names is not None and monitor not in names and not monitor.startswith(("lr/", "grad_norm/")):
-        raise _error(
+        raise ConfigError(
             f"monitor={monitor}: the module logs no such metric (it logs {', '.join(sorted(names))}); set monitor= "
             "one of them, or add the metric under module.metrics.metrics"
         )
@@ -116,7 +112,7 @@ def check_built(cfg: DictConfig, module: Any) -> None:
     for name, metric in _metrics(module):
         classes = getattr(metric, "num_classes", None)
         if width is not None and isinstance(classes, int) and classes != width:
-            raise _error(
+            raise ConfigError(
                 f"module.metrics: {name} has num_classes={classes} but the model's last layer gives {width} "
                 f"outputs; set num_classes: {width} (or the head's out_features to {classes})"
             )

@@ -11,6 +11,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from .errors import ConfigError
 from .ranks import DECIDED_RUN_DIR, agree, detect_launch
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,8 @@ def check_resume(checkpoint: Path, model: Any, data: dict[str, Any] | None, seed
     >>> check_resume(Path("/nonexistent.ckpt"), None, None)
     Traceback (most recent call last):
     ...
-    composites_hydra.build.ConfigError: ckpt_path=/nonexistent.ckpt: no such file; ...
+    composites_hydra.errors.ConfigError: ckpt_path=/nonexistent.ckpt: no such file; ...
     """
-    from .build import ConfigError
-
     if not checkpoint.exists():
         raise ConfigError(f"ckpt_path={checkpoint}: no such file; give a checkpoint file, or ckpt_path=auto")
     if checkpoint.is_dir():  # a sharded (distributed) checkpoint: Lightning's strategy checks it when it loads
@@ -249,8 +248,6 @@ def refuse_to_overwrite(run_dir: str | Path, ckpt_path: str | None, config_subdi
         files.append(f"{config_subdir}/config.yaml")
     if not files:
         return
-    from .build import ConfigError
-
     shown = ", ".join(files[:4]) + (f" (+{len(files) - 4} more)" if len(files) > 4 else "")
     raise ConfigError(
         f"the run directory {run_dir} already holds a run ({shown}); nothing was changed.\n"
@@ -333,8 +330,6 @@ class KeepEarlierRuns(Callback):
             sweep = Path(str(config.hydra.sweep.dir)).absolute()
         except Exception:  # an interpolation Hydra resolves later
             return
-        from .build import ConfigError
-
         try:
             subdir = str(OmegaConf.to_container(config.hydra.sweep)["subdir"])  # unresolved: ${hydra.job.num}
             n = earlier_sweep_resume(sweep, config.get("ckpt_path"), subdir)
@@ -386,8 +381,6 @@ def decide_run(
     >>> decide_run(Path(tempfile.mkdtemp()) / "run", None, ".hydra")["output_subdir"]
     '.hydra'
     """
-    from .build import ConfigError
-
     if timestamped:
         run_dir = _claim(run_dir)
     decision: dict[str, Any] = {"run_dir": str(run_dir), "output_subdir": subdir, "error": None}
@@ -442,8 +435,6 @@ def earlier_sweep_resume(sweep_dir: Path, ckpt_path: str | None, job_subdir: str
     >>> earlier_sweep_resume(Path("/nonexistent"), None, "${hydra.job.num}") is None
     True
     """
-    from .build import ConfigError
-
     if "${" not in job_subdir:
         raise ConfigError(
             f"hydra.sweep.subdir={job_subdir} is the same for every job: they would overwrite each other; "

@@ -55,7 +55,8 @@ class Recorder:
     __slots__ = ("guard", "root")
 
     def __init__(self, guard: Any, root: bool = False):
-        self.guard, self.root = weakref.ref(guard), root
+        self.guard = weakref.ref(guard)
+        self.root = root
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling():
@@ -102,7 +103,8 @@ class Arrived:
     __slots__ = ("add", "index")
 
     def __init__(self, add: Any, index: int):
-        self.add, self.index = add, index
+        self.add = add
+        self.index = index
 
     def mark(self, grad: Tensor | None) -> None:
         if grad is not None:

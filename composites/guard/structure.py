@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ..modules import Conditional, Parallel, Sequential, enclosing, join_name
+from .dtensors import is_sharded, whole_grad_norms
 from .finite import stored
-from .sharded import is_sharded, whole_grad_norms
 
 COMPOSITES = (Sequential, Parallel, Conditional)
 _MODULE_STATE = frozenset(vars(nn.Module()))

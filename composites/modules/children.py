@@ -131,7 +131,11 @@ class StageError(RuntimeError):
     """
 
     def __init__(self, stage: str, module: str, received: str, cause: BaseException, role: str = "stage"):
-        self.stage, self.module, self.received, self.cause, self.role = stage, module, received, cause, role
+        self.stage = stage
+        self.module = module
+        self.received = received
+        self.cause = cause
+        self.role = role
         self.failing: nn.Module | None = None  # the sub-model that raised (not pickled)
         super().__init__(f"{role} '{stage}' ({module}) failed on input {received}: {type(cause).__name__}: {cause}")
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from .flavours import Flavoured
+from ..packages import check_same_package
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -69,7 +69,7 @@ def set_metric_states(module: torch.nn.Module, states: dict[str, dict[str, Any]]
             setattr(metric, key, moved)
 
 
-class ResumeState(Flavoured):
+class ResumeStateBase:
     """Saves the random states and the module's running epoch sums in every checkpoint; restores them on resume.
 
     Lightning's checkpoint holds the weights, the optimizer, the loops and a stateful data
@@ -80,7 +80,11 @@ class ResumeState(Flavoured):
     states are put back just before the first batch after the resume, the metric sums too when
     the checkpoint was taken mid-epoch. Under DDP every rank gets rank zero's states.
 
+    The callback is ``composites.training.ResumeState`` (``pytorch_lightning``) or
+    ``composites.training.lightning.ResumeState``.
+
     Example:
+        >>> from composites.training import ResumeState
         >>> callback = ResumeState()
         >>> checkpoint = {}
         >>> callback.on_save_checkpoint(None, torch.nn.Linear(1, 1), checkpoint)
@@ -88,10 +92,11 @@ class ResumeState(Flavoured):
         ['metrics', 'random']
     """
 
-    lightning_base = "Callback"
-
     def __init__(self) -> None:
         self._loaded: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_same_package(self, trainer)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint[KEY] = {"random": random_states(), "metrics": metric_states(pl_module)}

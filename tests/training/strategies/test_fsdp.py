@@ -8,10 +8,10 @@ from torch import nn
 
 from composites import Conditional, Parallel, Sequential
 from composites.training import FSDP2Strategy
-from composites.training.sharding import composite_units, full_checkpoint, units_matching
-from composites.training.strategy import configure_sharding
+from composites.training.strategies.prepare import configure_sharding
+from composites.training.strategies.sharding import composite_units, full_checkpoint, units_matching
 from tests.processes import free_port, spawn_until_written
-from tests.training import fsdp_workers
+from tests.training.strategies import fsdp_workers
 
 TIMEOUT_S = 240  # every scenario of both ranks; a hang fails here, a slow, busy 2-core machine does not
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from .flavours import Flavoured
+from ..packages import check_same_package
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -66,7 +66,7 @@ def use_atomic_io(trainer: pl.Trainer) -> None:
         strategy.checkpoint_io = AtomicCheckpointIO()
 
 
-class StepCheckpoint(Flavoured):
+class StepCheckpointBase:
     """Writes ``last.ckpt`` mid-epoch: every ``every_n_steps`` optimizer steps and/or every ``every_minutes``.
 
     An epoch-end ``last.ckpt`` loses the partial epoch to a kill -9, a node failure or a
@@ -83,12 +83,14 @@ class StepCheckpoint(Flavoured):
         every_n_steps: save after every this many optimizer steps (``None``: off).
         every_minutes: save when this many minutes passed since the last save (``None``: off).
 
+    The callback is ``composites.training.StepCheckpoint`` (``pytorch_lightning``) or
+    ``composites.training.lightning.StepCheckpoint``.
+
     Example:
+        >>> from composites.training import StepCheckpoint
         >>> StepCheckpoint("/tmp/run/checkpoints", every_n_steps=500, every_minutes=10).path
         PosixPath('/tmp/run/checkpoints/last.ckpt')
     """
-
-    lightning_base = "Callback"
 
     def __init__(
         self,
@@ -104,16 +106,19 @@ class StepCheckpoint(Flavoured):
                     f"(callbacks.step_checkpoint.{key})"
                 )
         self.path = Path(dirpath) / filename
-        self.every_n_steps, self.every_minutes = every_n_steps, every_minutes
+        self.every_n_steps = every_n_steps
+        self.every_minutes = every_minutes
         self._saved_step = -1
         self._saved_at = time.monotonic()
         self._step_at_start = -1  # global step when the current training batch began
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_same_package(self, trainer)
         use_atomic_io(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._saved_step, self._saved_at = trainer.global_step, time.monotonic()
+        self._saved_step = trainer.global_step
+        self._saved_at = time.monotonic()
 
     def _due(self, trainer: pl.Trainer) -> bool:
         step = trainer.global_step
@@ -144,4 +149,5 @@ class StepCheckpoint(Flavoured):
         if trainer.is_last_batch or trainer.sanity_checking or not stepped or not self._due(trainer):
             return
         trainer.save_checkpoint(self.path)
-        self._saved_step, self._saved_at = trainer.global_step, time.monotonic()
+        self._saved_step = trainer.global_step
+        self._saved_at = time.monotonic()

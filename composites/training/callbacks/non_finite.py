@@ -9,7 +9,8 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from ..guard import GradientFlowError, Problem
+from ...guard import GradientFlowError, Problem
+from ...guard.dtensors import local
 
 NON_FINITE_POLICIES = ("skip", "apply")
 
@@ -18,7 +19,8 @@ class NonFiniteStepsError(GradientFlowError):
     """Training stopped: this many optimizer steps in a row had NaN/Inf gradients (``problems``: the last one's)."""
 
     def __init__(self, problems: Sequence[Problem], in_a_row: int = 0, step: int = 0):
-        self.in_a_row, self.step = in_a_row, step
+        self.in_a_row = in_a_row
+        self.step = step
         super().__init__(problems)
         self.args = (
             f"{in_a_row} optimizer steps in a row had non-finite gradients (up to step {step}); each was skipped, "
@@ -58,7 +60,8 @@ class NonFinitePolicy:
             raise ValueError(f"non_finite='{policy}' is not one of {', '.join(NON_FINITE_POLICIES)}")
         if patience is not None and patience < 1:
             raise ValueError(f"non_finite_patience={patience} must be at least 1, or None (never stop)")
-        self.policy, self.patience = policy, patience
+        self.policy = policy
+        self.patience = patience
         self.skipped = 0  # steps skipped in this fit
         self.in_a_row = 0
 
@@ -83,10 +86,6 @@ class NonFinitePolicy:
         return True
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor shard: this rank's part
-
-
 def non_finite_weights(state_dict: Mapping[str, Any]) -> list[str]:
     """Names of the floating-point tensors in ``state_dict`` holding NaN or Inf (this rank's shards).
 
@@ -95,7 +94,7 @@ def non_finite_weights(state_dict: Mapping[str, Any]) -> list[str]:
     """
     bad = []
     for name, value in state_dict.items():
-        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(_local(value)).all()):
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(local(value)).all()):
             bad.append(name)
     return bad
 

@@ -13,17 +13,9 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from composites import (
-    CompositeModule,
-    Conditional,
-    GradNormPlot,
-    Parallel,
-    Sequential,
-    check_gradient_flow,
-    draw_flow_tree,
-    format_flow,
-)
-from composites.views import rows
+from composites import CompositeModule, Conditional, Parallel, Sequential
+from composites.training import GradNormPlot
+from composites.views import check_gradient_flow, draw_flow_tree, format_flow, rows
 from tests import ROOT  # noqa: E402
 from tests.stand_ins import check_png
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from ..modules import Parallel, Sequential
+from ...modules import Parallel, Sequential
 
 # a policy: the model -> groups of module paths, each group one unit (``fully_shard([a, b])``)
 Policy = Callable[[nn.Module], list[list[str]]]

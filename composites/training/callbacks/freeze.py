@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
-from .flavours import Flavoured
+from ..packages import check_same_package
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
 
-class FreezeSubmodels(Flavoured):
+class FreezeSubmodelsBase:
     """Keep the named sub-models frozen until epoch ``unfreeze_at_epoch`` (or for good), then train them.
 
     The sub-models' parameters are in the ONE optimizer from the start (this callback makes
@@ -32,7 +32,8 @@ class FreezeSubmodels(Flavoured):
     other. Under DDP the model is wrapped while they are trainable, with
     ``find_unused_parameters=True``, so their gradients are reduced once they train.
     Only gradients are frozen: BatchNorm running statistics still update in train mode.
-    Works with both ``lightning`` and ``pytorch_lightning`` Trainers (see :mod:`composites.training.flavours`).
+    The callback is ``composites.training.FreezeSubmodels`` (``pytorch_lightning``) or
+    ``composites.training.lightning.FreezeSubmodels``.
 
     Args:
         names: qualified sub-model names (``"encoder"``, ``"fuse.image"``), looked up in the
@@ -46,6 +47,7 @@ class FreezeSubmodels(Flavoured):
         >>> from torch import nn
         >>> import pytorch_lightning as pl
         >>> from composites import CompositeModule, Sequential
+        >>> from composites.training import FreezeSubmodels
         >>> model = Sequential({"encoder": nn.Linear(4, 8), "head": nn.Linear(8, 2)})
         >>> module = CompositeModule(model, nn.CrossEntropyLoss(), partial(torch.optim.SGD, lr=0.1))
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -57,8 +59,6 @@ class FreezeSubmodels(Flavoured):
         >>> model.encoder.weight.requires_grad  # trained in epoch 1
         True
     """
-
-    lightning_base = "Callback"
 
     def __init__(self, names: Sequence[str] | str, unfreeze_at_epoch: int | None = None):
         super().__init__()
@@ -93,6 +93,7 @@ class FreezeSubmodels(Flavoured):
         self.frozen = not trainable
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_same_package(self, trainer)
         if stage != "fit":
             return
         if self.unfreeze_at_epoch is None:  # frozen for good: the optimizer and DDP never see them

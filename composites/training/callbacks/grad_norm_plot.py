@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from ..guard import submodel_grad_norms, submodel_names
-from .epoch_logging import step_is_logged
-from .flavours import Flavoured
-from .guard_callback import active_guard
+from ...guard import submodel_grad_norms, submodel_names
+from ..epoch_logging import step_is_logged
+from ..packages import check_same_package
+from .gradient_guard import active_guard
 
 
 def _trainable_submodels(pl_module: nn.Module) -> list[str]:
@@ -20,7 +20,7 @@ def _trainable_submodels(pl_module: nn.Module) -> list[str]:
     return list(dict.fromkeys(owner or "(model)" for owner in submodel_names(model, names).values()))
 
 
-class GradNormPlot(Flavoured):
+class GradNormPlotBase:
     """Record each sub-model's gradient norm while training and save a PNG of it when ``fit`` ends.
 
     Every ``every_n_steps`` optimizer steps (default: the trainer's ``log_every_n_steps``, the
@@ -38,18 +38,22 @@ class GradNormPlot(Flavoured):
         dirpath: folder of the PNG; ``None`` is the trainer's ``default_root_dir`` (the run directory).
         every_n_steps: record every this many optimizer steps; ``None`` follows ``log_every_n_steps``.
 
+    The callback is ``composites.training.GradNormPlot`` (``pytorch_lightning``) or
+    ``composites.training.lightning.GradNormPlot``.
+
     Example:
+        >>> from composites.training import GradNormPlot
         >>> callback = GradNormPlot(dirpath="outputs/run")
         >>> callback.history, callback.path
         ({}, None)
     """
 
-    lightning_base = "Callback"
-
     def __init__(
         self, filename: str = "grad_norms.png", dirpath: str | Path | None = None, every_n_steps: int | None = None
     ):
-        self.filename, self.dirpath, self.every_n_steps = filename, dirpath, every_n_steps
+        self.filename = filename
+        self.dirpath = dirpath
+        self.every_n_steps = every_n_steps
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.problem_steps: list[int] = []
         self.path: Path | None = None  # where the PNG went, once written
@@ -65,12 +69,14 @@ class GradNormPlot(Flavoured):
         self._restored = True
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self.check_trainer(trainer)
+        check_same_package(self, trainer)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if not self._restored:  # a fresh fit starts a fresh plot; a resumed one goes on
-            self.history, self.problem_steps = {}, []
-        self.path, self._restored = None, False
+            self.history = {}
+            self.problem_steps = []
+        self.path = None
+        self._restored = False
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         step = trainer.global_step
@@ -95,7 +101,7 @@ class GradNormPlot(Flavoured):
     def _save(self, trainer: Any) -> None:
         if not trainer.is_global_zero:
             return
-        from ..views import plot_grad_norms  # matplotlib: imported when a PNG is written, not with the callback
+        from ...views import plot_grad_norms  # matplotlib: imported when a PNG is written, not with the callback
 
         folder = Path(self.dirpath) if self.dirpath is not None else Path(trainer.default_root_dir)
         self.path = plot_grad_norms(self.history, folder / self.filename, self.problem_steps)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from composites import CompositeModule, Conditional, GradientFlowError, GradientGuardCallback, GradNormPlot
-from composites.training import GUARD_MODES, GuardMode
+from composites import CompositeModule, Conditional, GradientFlowError, GradientGuardCallback
+from composites.training import GUARD_MODES, GradNormPlot, GuardMode
 
 
 class Detached(nn.Module):
@@ -153,7 +153,8 @@ import json, sys
 import lightning as L, torch, torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from composites import Conditional, GradientFlowError, GradientGuardCallback
+from composites import Conditional, GradientFlowError
+from composites.training.lightning import GradientGuardCallback  # the Trainer is lightning's
 
 class Routed(L.LightningModule):  # rank 0 routes every batch to 'a', rank 1 to 'b'
     def __init__(self, cut=False):

@@ -31,8 +31,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from ..packages import check_same_package
 from .checkpoints import use_atomic_io
-from .flavours import Flavoured
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -71,13 +71,17 @@ class TrainingInterrupted(SystemExit):
 
     def __init__(self, signal_name: str, checkpoint: Path, step: int):
         super().__init__(128 + int(getattr(signal, signal_name)))
-        self.signal_name, self.checkpoint, self.step = signal_name, checkpoint, step
+        self.signal_name = signal_name
+        self.checkpoint = checkpoint
+        self.step = step
 
 
-class SignalCheckpoint(Flavoured):
+class SignalCheckpointBase:
     """On SIGTERM / SIGINT / a requeue signal: save a checkpoint at the next step boundary and exit non-zero.
 
-    See the module docstring for the whole interface.
+    See the module docstring for the whole interface. The callback is
+    ``composites.training.SignalCheckpoint`` (``pytorch_lightning``) or
+    ``composites.training.lightning.SignalCheckpoint``.
 
     Args:
         dirpath: folder of the checkpoint (the run's ``checkpoints/``).
@@ -89,12 +93,11 @@ class SignalCheckpoint(Flavoured):
             ``None`` prints ``trainer.fit(..., ckpt_path=<path>)``.
 
     Example:
+        >>> from composites.training import SignalCheckpoint
         >>> callback = SignalCheckpoint("/tmp/run/checkpoints")
         >>> callback.path, callback.signals
         (PosixPath('/tmp/run/checkpoints/last.ckpt'), ('SIGTERM', 'SIGINT', 'SIGUSR1'))
     """
-
-    lightning_base = "Callback"
 
     def __init__(
         self,
@@ -111,7 +114,9 @@ class SignalCheckpoint(Flavoured):
             )
         self.path = Path(dirpath) / filename
         self.signals = (*STOP_SIGNALS, requeue_signal)
-        self.requeue_signal, self.requeue, self.resume_hint = requeue_signal, requeue, resume_hint
+        self.requeue_signal = requeue_signal
+        self.requeue = requeue
+        self.resume_hint = resume_hint
         self.received: str | None = None  # the first signal this process got
         self._pending: TrainingInterrupted | None = None  # saved; raised at the next hook
         self._step_at_start = -1  # global step when the current training batch began
@@ -138,17 +143,20 @@ class SignalCheckpoint(Flavoured):
         self._previous = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_same_package(self, trainer)
         use_atomic_io(trainer)
         environment = getattr(trainer.strategy, "cluster_environment", None)
         if type(environment).__name__ == "SLURMEnvironment":  # lightning_fabric's or lightning.fabric's
             environment.auto_requeue = False  # ours saves at a step boundary, not inside the handler
         submitit = submitit_signal()
         if submitit in REQUEUE_SIGNALS and submitit != self.requeue_signal:  # a submitit job: its signal
-            self.requeue_signal, self.signals = submitit, (*STOP_SIGNALS, submitit)
+            self.requeue_signal = submitit
+            self.signals = (*STOP_SIGNALS, submitit)
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             # the handlers from before Lightning's, put back when the fit ends
             self._previous = {int(getattr(signal, n)): signal.getsignal(int(getattr(signal, n))) for n in self.signals}
-        self.received, self._pending = None, None
+        self.received = None
+        self._pending = None
 
     # Lightning registers its own SIGTERM handler after `on_fit_start`, just before the sanity
     # check; these replace it (and the default SIGINT) for the rest of the fit.

@@ -1,4 +1,9 @@
-"""FSDP2 through Lightning: the ``trainer=fsdp`` preset's strategy, written once for both Lightning packages."""
+"""FSDP2 through Lightning: the ``trainer=fsdp`` preset's strategy, written once for both Lightning packages.
+
+The strategies are ``composites.training.FSDP2Strategy`` (``pytorch_lightning``) and
+``composites.training.lightning.FSDP2Strategy``: each is :class:`FSDP2StrategyBase` and its package's
+``ModelParallelStrategy``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ from typing import Any
 
 import torch
 
-from .flavours import Flavoured
 from .sharding import Policy
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -23,7 +27,7 @@ def _dtype(name: str | None, key: str) -> torch.dtype | None:
     return _DTYPES[str(name)]
 
 
-class FSDP2Strategy(Flavoured):
+class FSDP2StrategyBase:
     """Lightning's ``ModelParallelStrategy`` as plain FSDP2 over every rank, for ``CompositeModule``.
 
     Data parallel over all ``num_nodes * devices`` ranks (no tensor parallelism) unless the
@@ -41,12 +45,11 @@ class FSDP2Strategy(Flavoured):
         **kwargs: ``ModelParallelStrategy`` arguments (``save_distributed_checkpoint``, ...).
 
     Example:
-        >>> strategy = FSDP2Strategy(param_dtype="bf16")  # the ModelParallelStrategy of the chosen Lightning package
+        >>> from composites.training import FSDP2Strategy
+        >>> strategy = FSDP2Strategy(param_dtype="bf16")  # pytorch_lightning's ModelParallelStrategy
         >>> strategy.mp_policy.param_dtype, strategy.mp_policy.reduce_dtype
         (torch.bfloat16, torch.float32)
     """
-
-    lightning_base = "strategies.ModelParallelStrategy"
 
     def __init__(
         self,
@@ -70,7 +73,8 @@ class FSDP2Strategy(Flavoured):
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto" and self._tensor_parallel_size == "auto":
-            self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
+            self._data_parallel_size = self.num_nodes * self.num_processes
+            self._tensor_parallel_size = 1
         super().setup_environment()
 
     @contextmanager

@@ -124,7 +124,7 @@ def guarded_steps(scenario: str) -> list:
     from torch.distributed.device_mesh import init_device_mesh
 
     from composites import GradientGuard
-    from composites.training.sharding import shard_composite
+    from composites.training.strategies.sharding import shard_composite
 
     torch.manual_seed(0)
     model = Sequential({"encoder": nn.Linear(4, 8), "middle": Cuttable(), "head": nn.Linear(8, 3)})

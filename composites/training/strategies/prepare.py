@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..modules import Conditional
+from ...modules import Conditional
+from ..packages import lightning_api, package_of
 from .sharding import shard_composite
 
 
@@ -34,8 +35,6 @@ def prepare_strategy(strategy: object, model: nn.Module, guard_on: bool, may_ski
         >>> strategy._ddp_kwargs["find_unused_parameters"]
         True
     """
-    from .flavours import lightning_api, package_of  # the strategy's own Lightning package (lightning or pl)
-
     strategies = lightning_api(package_of(strategy) or "pytorch_lightning").strategies
     DDPStrategy, FSDPStrategy = strategies.DDPStrategy, strategies.FSDPStrategy
 
@@ -64,7 +63,7 @@ def configure_sharding(strategy: object, model: nn.Module, may_skip: Sequence[st
     """Shard ``model`` with FSDP2 when ``strategy`` is a ``ModelParallelStrategy``; return what was chosen and why.
 
     Called from ``LightningModule.configure_model``: one unit per sub-model (the strategy's
-    ``policy``, :func:`~composites.training.sharding.composite_units` by default), then the
+    ``policy``, :func:`~composites.training.strategies.sharding.composite_units` by default), then the
     root, with the strategy's mixed precision. When a rank can leave parameters unused (a
     ``Conditional``, ``may_skip`` patterns), ``set_reduce_scatter_unused_params(True)``: such a
     rank reduce-scatters zeros for them, so every rank runs the same collectives.
@@ -73,8 +72,6 @@ def configure_sharding(strategy: object, model: nn.Module, may_skip: Sequence[st
         >>> configure_sharding(object(), nn.Linear(2, 2)) is None  # any other strategy: nothing to do
         True
     """
-    from .flavours import lightning_api, package_of
-
     package = package_of(strategy)
     if package is None or not isinstance(strategy, lightning_api(package).strategies.ModelParallelStrategy):
         return None

@@ -1,4 +1,4 @@
-"""GradientGuardCallback: the gradient guard for any LightningModule (CompositeModule runs the same one)."""
+"""GradientGuardCallbackBase: the gradient guard for any LightningModule (CompositeModule runs the same one)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from ..guard import GradientFlowError, GradientGuard, GuardReport
-from .epoch_logging import step_is_logged
-from .flavours import Flavoured, spans_processes
+from ...guard import STARVED_AFTER, GradientFlowError, GradientGuard, GuardReport
+from ..epoch_logging import step_is_logged
+from ..packages import check_same_package, spans_processes
 from .non_finite import NonFinitePolicy, refuse_non_finite_checkpoint
 
 if TYPE_CHECKING:
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 GUARD_MODES = ("raise", "warn", "off")
 GuardMode = Enum("GuardMode", [(m, m) for m in GUARD_MODES], type=str)  # the one list; the Hydra schema uses it
 GuardMode.__doc__ = "The guard's modes: ``raise`` (stop at the first bad backward), ``warn``, ``off``."
-_UNSET: Any = object()
 
 
 def guard_mode(mode: Any) -> str:
@@ -35,7 +34,7 @@ def guard_mode(mode: Any) -> str:
     return mode
 
 
-class GradientGuardCallback(Flavoured):
+class GradientGuardCallbackBase:
     """Run the gradient guard after every backward of any ``LightningModule``.
 
     The guarded model is ``pl_module.<attribute>`` when ``attribute`` is given, else
@@ -49,15 +48,16 @@ class GradientGuardCallback(Flavoured):
     whose weights hold NaN/Inf is refused (:class:`NonFiniteCheckpointError`). On the steps
     Lightning writes logs it logs each sub-model's gradient norm as ``grad_norm/<sub-model>``.
     Under DDP a model with a ``Conditional`` (or ``may_skip`` patterns) gets
-    ``find_unused_parameters=True`` before it is wrapped; under DDP and FSDP2 every rank reaches the same verdict. Works with both
-    ``lightning`` and ``pytorch_lightning`` Trainers (see :mod:`composites.training.flavours`).
-    ``CompositeModule`` runs one of these itself (its ``guard`` argument): do not add another.
+    ``find_unused_parameters=True`` before it is wrapped; under DDP and FSDP2 every rank reaches the
+    same verdict. The callback is ``composites.GradientGuardCallback`` (``pytorch_lightning``) or
+    ``composites.training.lightning.GradientGuardCallback``. ``CompositeModule`` runs one of these
+    itself (its ``guard`` argument): do not add another.
 
     Args:
         mode: ``"raise"``, ``"warn"`` or ``"off"`` (or a :data:`GuardMode`).
         may_skip: glob patterns of parameter names that may get no gradient in a step.
         starved_after: checks without a gradient that make an inactive branch ``starved``
-            (``None``: never; unset: the guard's default).
+            (``None``: never).
         check_finite: also check gradients for NaN/Inf.
         non_finite: ``"skip"`` or ``"apply"`` a step with NaN/Inf gradients (mode ``warn``).
         non_finite_patience: skipped steps in a row that stop training (``None``: never).
@@ -65,19 +65,18 @@ class GradientGuardCallback(Flavoured):
         attribute: the attribute of the LightningModule holding the model to guard.
 
     Example:
+        >>> from composites import GradientGuardCallback
         >>> callback = GradientGuardCallback("warn", may_skip=["*.experts.*"])
         >>> callback.mode, callback.guard, callback.policy.policy
         ('warn', None, 'skip')
     """
-
-    lightning_base = "Callback"
 
     def __init__(
         self,
         mode: str = "raise",
         *,
         may_skip: Sequence[str] = (),
-        starved_after: int | None = _UNSET,
+        starved_after: int | None = STARVED_AFTER,
         check_finite: bool = True,
         non_finite: str = "skip",
         non_finite_patience: int | None = 5,
@@ -86,13 +85,12 @@ class GradientGuardCallback(Flavoured):
     ):
         self.mode = guard_mode(mode)
         self.may_skip = [str(p) for p in may_skip]
-        self.options: dict[str, Any] = {"check_finite": check_finite}
-        if self.may_skip:  # passed only when set: the guard's own defaults stay its own
+        self.options: dict[str, Any] = {"check_finite": check_finite, "starved_after": starved_after}
+        if self.may_skip:
             self.options["may_skip"] = self.may_skip
-        if starved_after is not _UNSET:
-            self.options["starved_after"] = starved_after
         self.policy = NonFinitePolicy(non_finite, non_finite_patience)
-        self.log_grad_norms, self.attribute = log_grad_norms, attribute
+        self.log_grad_norms = log_grad_norms
+        self.attribute = attribute
         self.guard: GradientGuard | None = None
         self.attached = False  # the guard's hooks are on the model
         self.report: GuardReport | None = None  # the last check's report
@@ -115,8 +113,10 @@ class GradientGuardCallback(Flavoured):
     def attach(self, pl_module: nn.Module, optimizer: torch.optim.Optimizer | None, trainer: Any = None) -> None:
         """(Re)build the guard on ``pl_module``'s model; one set of hooks however often it is called."""
         self.detach()
-        self.report, self._warned = None, set()
-        self.policy.skipped = self.policy.in_a_row = 0
+        self.report = None
+        self._warned = set()
+        self.policy.skipped = 0
+        self.policy.in_a_row = 0
         if self.mode != "off":
             self.guard = self.build_guard(self.guarded_model(pl_module), optimizer, trainer)
             self.attached = True
@@ -129,7 +129,7 @@ class GradientGuardCallback(Flavoured):
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self.check_trainer(trainer)
+        check_same_package(self, trainer)
         owner = getattr(pl_module, "guard_callback", None)
         if owner is not None and owner is not self and owner.mode != "off" and self.mode != "off":
             raise ValueError(
@@ -141,7 +141,7 @@ class GradientGuardCallback(Flavoured):
     def prepare(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Before the strategy wraps the model: routed branches under DDP, the guard under FSDP1 refused."""
         if stage == "fit" and spans_processes(trainer.strategy):
-            from .strategy import prepare_strategy
+            from ..strategies.prepare import prepare_strategy
 
             chosen = prepare_strategy(
                 trainer.strategy, self.guarded_model(pl_module), self.mode != "off", self.may_skip
@@ -195,10 +195,10 @@ class GradientGuardCallback(Flavoured):
         self.detach()
 
 
-def active_guard(trainer: Any, pl_module: Any) -> GradientGuardCallback | None:
+def active_guard(trainer: Any, pl_module: Any) -> GradientGuardCallbackBase | None:
     """The guard callback at work in a fit: the module's own (``CompositeModule``) or one in the Trainer's callbacks."""
     candidates = [getattr(pl_module, "guard_callback", None), *getattr(trainer, "callbacks", [])]
     for candidate in candidates:
-        if isinstance(candidate, GradientGuardCallback) and candidate.attached:
+        if isinstance(candidate, GradientGuardCallbackBase) and candidate.attached:
             return candidate
     return None
