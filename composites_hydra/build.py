@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from composites.training.packages import trainer_package
 
-from .checks import check_built, check_config, function_target_error
+from .checks import check_built, check_config, check_targets, function_target_error
 from .errors import ConfigError, NoCompositeError
+from .run_settings import metric_direction
 from .runs import check_resume, checkpoint_to_resume, decided, keep_earlier_csv_logs, refuse_to_overwrite
 from .schema import TrainConfig
 from .targets import for_package
@@ -75,9 +76,10 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if cfg.monitor_mode is None:  # a loss is best low, anything else (accuracy, F1) high
-        cfg.monitor_mode = "min" if "loss" in cfg.monitor else "max"
+        cfg.monitor_mode = metric_direction(cfg.monitor) or "max"
     # Resolve once, enums as plain strings ("raise", "max"), so objects get ordinary values.
     conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    check_targets(conf)  # every value against its target's signature, before anything is built
     checkpoint = None if decided(cfg.paths.output_dir) else checkpoint_to_resume(cfg.ckpt_path, cfg.paths.output_dir)
     if checkpoint is not None:  # under the script, KeepEarlierRuns checked before Hydra wrote anything
         check_resume(checkpoint, conf["model"], conf["data"], conf["seed"])

@@ -19,7 +19,7 @@ from .overflow import FiniteCheck
 from .problems import GradientFlowError, GuardReport, Problem
 from .sharded import ShardedArrivals
 from .step import RecordedCall, StepRecord
-from .structure import grouped_grad_norms, submodel_names, unregistered_tensors
+from .structure import grouped_grad_norms, require_module, submodel_names, unregistered_tensors
 from .sync import gather_problems, is_distributed, reduce_flags
 
 
@@ -41,7 +41,9 @@ class GradientGuard:
     Args:
         model: any ``nn.Module``; composites add branch names and routing knowledge. A
             ``torch.compile``-d model (or one compiled after the guard was built) is checked
-            the same way, its parameters named as in the eager model.
+            the same way, its parameters named as in the eager model; the graphs compiled
+            during its calls draw random numbers as eager code does (Inductor's
+            ``fallback_random``), so the replay takes the path the compiled forward took.
         optimizer: when given, trainable parameters it does not hold are reported
             (``not_in_optimizer``); also settable later with :meth:`set_optimizer`.
         check_finite: also report NaN/Inf gradients (``non_finite``); a failing check names
@@ -58,6 +60,10 @@ class GradientGuard:
         starved_after: checks in a row without a gradient that make an inactive branch or
             may-skip parameter ``starved`` (``None``: off). The default, 200, gives no false
             alarm for 8 experts top-1 ((7/8)**200 = 2.6e-12) or LayerDrop 0.1 (0.1**200).
+        group: under torch.distributed, the process group of the ranks that hold these same
+            parameters (data-parallel copies, whose gradients are reduced): a parameter is fine
+            when one of them reached it. Default: every rank. A pipeline stage's guard gives
+            its stage's data-parallel group (see ``composites.parallelism.pipeline_guard``).
 
     Example:
         >>> import torch
@@ -90,8 +96,10 @@ class GradientGuard:
         overflow_patience: int = 20,
         may_skip: Sequence[str] = (),
         starved_after: int | None = STARVED_AFTER,
+        group: Any = None,
     ):
-        self.model = model = uncompiled(model)  # a compiled model: its eager module, named and replayed as such
+        self.group = group
+        self.model = model = uncompiled(require_module(model))  # a compiled model: its eager module, named as such
         self.check_finite = check_finite
         self._finite = FiniteCheck(scaler, overflow_patience)
         self._inactive = InactiveParameters(may_skip, starved_after)
@@ -198,11 +206,13 @@ class GradientGuard:
         missing = trainable - self._reached - inactive - unhooked
         not_in_opt = self._coverage.missing(self.params)
         non_finite, overflow = self._finite(self.params, loss) if self.check_finite else (False, False)
-        distributed = is_distributed()
+        distributed = is_distributed(self.group)
         explain, reached = missing, self._reached
         if distributed:  # one collective: a parameter is fine when any rank reached it
             reached = set()
-            flagged, non_finite = reduce_flags(self.params, self._reached, missing, non_finite, anywhere=reached)
+            flagged, non_finite = reduce_flags(
+                self.params, self._reached, missing, non_finite, anywhere=reached, group=self.group
+            )
             # a rank explains only what it missed itself: where it was routed out, another rank has the cause
             missing, explain = flagged, flagged & missing
         starved = self._inactive.starved(countable & trainable, reached, inactive - missing)
@@ -223,7 +233,7 @@ class GradientGuard:
             explained = diagnose if self._sharded is None else self._sharded.diagnose
             problems = explained(step, explain, non_finite, not_in_opt, starved)
             if distributed:
-                problems = gather_problems(problems)
+                problems = gather_problems(problems, self.group)
         shown = inactive - self._reached
         report = GuardReport(
             checked=len(trainable),

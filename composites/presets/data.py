@@ -98,6 +98,12 @@ class DigitsDataModuleBase:
                 f"val_fraction={val_fraction} and test_fraction={test_fraction} must each be above 0 and sum "
                 "below 1 (data.val_fraction / data.test_fraction): both splits need samples, and so does training"
             )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive int (data.batch_size)")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(
+                f"num_workers={num_workers!r} must be an int >= 0 (data.num_workers; 0: load in this process)"
+            )
         self.save_hyperparameters()
         self.inputs = inputs
         self.views = views

@@ -23,6 +23,7 @@ from .callbacks.signal_checkpoint import SignalCheckpointBase
 from .module import CompositeModuleBase
 from .packages import LIGHTNING_CLASSES
 from .strategies.fsdp2 import FSDP2StrategyBase
+from .strategies.pipeline import PipelineStrategyBase
 
 __all__ = list(LIGHTNING_CLASSES)  # each declared below
 
@@ -65,3 +66,7 @@ class FreezeSubmodels(FreezeSubmodelsBase, L.Callback):
 
 class FSDP2Strategy(FSDP2StrategyBase, L.strategies.ModelParallelStrategy):
     """:class:`~composites.training.strategies.fsdp2.FSDP2StrategyBase` as a ``lightning.pytorch`` ``ModelParallelStrategy``."""
+
+
+class PipelineStrategy(PipelineStrategyBase, L.strategies.DDPStrategy):
+    """:class:`~composites.training.strategies.pipeline.PipelineStrategyBase` as a ``lightning.pytorch`` ``DDPStrategy``."""

@@ -21,6 +21,7 @@ from .callbacks.signal_checkpoint import SignalCheckpointBase
 from .module import CompositeModuleBase
 from .packages import LIGHTNING_CLASSES
 from .strategies.fsdp2 import FSDP2StrategyBase
+from .strategies.pipeline import PipelineStrategyBase
 
 __all__ = list(LIGHTNING_CLASSES)  # each declared below
 
@@ -63,3 +64,7 @@ class FreezeSubmodels(FreezeSubmodelsBase, pl.Callback):
 
 class FSDP2Strategy(FSDP2StrategyBase, pl.strategies.ModelParallelStrategy):
     """:class:`~composites.training.strategies.fsdp2.FSDP2StrategyBase` as a ``pytorch_lightning`` ``ModelParallelStrategy``."""
+
+
+class PipelineStrategy(PipelineStrategyBase, pl.strategies.DDPStrategy):
+    """:class:`~composites.training.strategies.pipeline.PipelineStrategyBase` as a ``pytorch_lightning`` ``DDPStrategy``."""
