@@ -19,6 +19,7 @@ from composites.training.callbacks.signal_checkpoint import SignalCheckpointBase
 from composites.training.logs import quiet_lightning, route_lightning_logs
 from composites.views import text_table
 from composites_hydra import ConfigError, build, register_configs, resume_command, resume_path
+from composites_hydra.checks import check_seed
 from composites_hydra.ranks import stop_together
 
 register_configs()
@@ -37,6 +38,7 @@ def train(cfg: DictConfig) -> float:
     import pytorch_lightning as pl
 
     quiet_lightning()  # before the Trainer is built: its tips and hints come then
+    check_seed(cfg.seed)  # seeding comes before build(), which checks the rest
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     for callback in trainer.callbacks:  # a signal's message names the command that resumes this run
