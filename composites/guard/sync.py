@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -16,38 +17,83 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where each rank's parameters sit in the union of all ranks' parameter names.
+
+    Under DDP and FSDP every rank holds the same names (``uniform``); under expert parallelism a
+    rank holds only its experts, so the flags are laid out over the union, each parameter at its
+    name's position, and a parameter only some ranks hold is named with them (``holders``).
+    """
+
+    positions: tuple[int, ...]  # local index -> position in the union
+    total: int
+    uniform: bool
+    holders: dict[str, tuple[int, ...]]  # names not held by every rank -> the ranks that hold them
+
+
+def parameter_layout(names: Sequence[str]) -> Layout:
+    """Every rank's parameter names gathered once (a collective: every rank calls it when its guard reads them)."""
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(names))
+    union: dict[str, int] = {}
+    held: dict[str, list[int]] = {}
+    for rank, rank_names in enumerate(gathered):
+        for name in rank_names or []:
+            union.setdefault(name, len(union))
+            held.setdefault(name, []).append(rank)
+    world = len(gathered)
+    holders = {name: tuple(ranks) for name, ranks in held.items() if len(ranks) < world}
+    uniform = all(list(g or []) == list(names) for g in gathered)
+    return Layout(tuple(union[n] for n in names), len(union), uniform, holders)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on some rank (one tiny all-reduce)."""
+    value = torch.tensor([int(flag)], dtype=torch.uint8)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
+
+
 def reduce_flags(
     params: Sequence[nn.Parameter],
     reached: set[int],
     missing: set[int],
     non_finite: bool,
     anywhere: set[int] | None = None,
-) -> tuple[set[int], bool]:
+    layout: Layout | None = None,
+) -> tuple[set[int], bool, bool]:
     """Combine every rank's view with a single MAX all-reduce.
 
     A parameter is fine when any rank reached it (that is what DDP's gradient all-reduce
     gives); it is a problem when no rank reached it and some rank had no excuse (a routed-out
     branch is an excuse). Every rank gets the same answer, so all raise together or none does.
+    Returns ``(flagged here, non-finite anywhere, flagged anywhere)``.
     When given, ``anywhere`` is filled with the parameters some rank reached (what starvation counts).
+    With a ``layout`` (ranks holding different parameters), each flag sits at its name's position
+    in the union; the result still holds this rank's indices only.
     """
-    n = len(params)
-    device = params[0].device if n else torch.device("cpu")
+    n = len(params) if layout is None else layout.total
+    at = list(range(len(params))) if layout is None else layout.positions
+    device = params[0].device if params else torch.device("cpu")
     if dist.get_backend() == "gloo":
         device = torch.device("cpu")
     flags = torch.zeros(2 * n + 1, dtype=torch.uint8)
     if reached:
-        flags[list(reached)] = 1
+        flags[[at[i] for i in reached]] = 1
     if missing:
-        flags[[n + i for i in missing]] = 1
+        flags[[n + at[i] for i in missing]] = 1
     flags[2 * n] = int(non_finite)
     flags = flags.to(device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     flags = flags.cpu()
+    index = torch.tensor(at, dtype=torch.long)
     reached_somewhere = flags[:n].bool()
     flagged = flags[n : 2 * n].bool() & ~reached_somewhere
     if anywhere is not None:
-        anywhere.update(reached_somewhere.nonzero().flatten().tolist())
-    return set(flagged.nonzero().flatten().tolist()), bool(flags[2 * n])
+        anywhere.update(reached_somewhere[index].nonzero().flatten().tolist())
+    # flagged_anywhere: a parameter only another rank holds may be the problem; every rank must know
+    return set(flagged[index].nonzero().flatten().tolist()), bool(flags[2 * n]), bool(flagged.any())
 
 
 def gather_problems(problems: list[Problem]) -> list[Problem]:

@@ -239,7 +239,7 @@ def _dispatch_with_capacity(
     y = _a2a(y.expand(size, *y.shape).reshape(size * y.shape[0], *y.shape[1:]), None, None, group)
     w = slot_weight.to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
     out = y.new_zeros((batch + 1, *y.shape[1:])).index_add(0, slot_sample, y * w)[:batch]
-    dropped = funcol.all_reduce((~kept).sum(), "sum", group)  # over every rank of the group
+    dropped = funcol.wait_tensor(funcol.all_reduce((~kept).sum(), "sum", group))  # over every rank of the group
     return out, probs, chosen, local, dropped
 
 

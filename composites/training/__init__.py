@@ -21,6 +21,7 @@ _LAZY = {
     "GradNormPlot": "grad_norm_callback",
     "FreezeSubmodels": "freeze",
     "FSDP2Strategy": "fsdp2_strategy",
+    "ExpertParallelStrategy": "strategies.expert_parallel",
     "TerminalProgress": "run_output",
     "quiet_lightning": "run_output",
     "route_lightning_logs": "run_output",

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from composites import Conditional, Sequential
+from composites import Conditional, GradientFlowError, GradientGuard, Sequential
 from composites.parallelism import expert_groups, shard_experts
 
 LOCAL_BATCH = 6
@@ -91,20 +91,77 @@ def case(groups, top_k: int, capacity_factor: float | None, optimizer: str, skew
     }
 
 
+def numerics_four() -> dict:
+    """Four ranks: fewer cases (each costs four busy processes), one of them with copies of the expert shards."""
+    groups = expert_groups()
+    results = {
+        "top1-cfNone-adam": case(groups, 1, None, "adam", False),
+        "top2-cf0.5-adam": case(groups, 2, 0.5, "adam", False),
+    }
+    # two copies of each expert shard: expert gradients averaged over the copies
+    results["ep2-top2-cfNone-adam"] = case(expert_groups(2), 2, None, "adam", False)
+    return results
+
+
 def numerics() -> dict:
     groups = expert_groups()
     results = {}
+    results["top1-cfNone-sgd"] = case(groups, 1, None, "sgd", False)
     for top_k in (1, 2):
         for capacity_factor, skew in ((None, False), (1.0, True), (0.5, False)):
-            for optimizer in ("sgd", "adam"):
-                results[f"top{top_k}-cf{capacity_factor}-{optimizer}"] = case(
-                    groups, top_k, capacity_factor, optimizer, skew
-                )
-    if dist.get_world_size() == 4:  # two copies of each expert shard: expert gradients averaged over the copies
-        # capacity counts the expert-parallel group's batch, so only a never-dropping capacity matches
-        pairs = expert_groups(2)
-        for top_k, capacity_factor in ((1, None), (2, None), (1, 4.0)):
-            results[f"ep2-top{top_k}-cf{capacity_factor}-adam"] = case(pairs, top_k, capacity_factor, "adam", False)
+            results[f"top{top_k}-cf{capacity_factor}-adam"] = case(groups, top_k, capacity_factor, "adam", skew)
+    return results
+
+
+class Cut(nn.Module):
+    """An expert that detaches its own layer's output: ``fc`` never gets a gradient where it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).detach() + x
+
+
+def guarded_steps(model: Sequential, steps: int, starved_after: int | None = None) -> list:
+    """The guard's verdict on this rank after each of ``steps`` expert-parallel DDP steps."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ep = shard_experts(model)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ep.expert_parameter_names))
+    ddp = DistributedDataParallel(model)
+    guard = GradientGuard(model, starved_after=starved_after)
+    x, y = batch(world)
+    mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    outcome = []
+    for _ in range(steps):
+        nn.functional.mse_loss(ddp(x[mine]), y[mine]).backward()
+        try:
+            report = guard.check()
+            outcome.append(["ok", report.inactive_names])
+        except GradientFlowError as error:
+            outcome.append(["error", [[p.parameter, p.module, p.cause, p.where] for p in error.problems]])
+            break
+    return outcome
+
+
+def guard() -> dict:
+    """Three guarded scenarios in one process group."""
+    results = {}
+    results["healthy"] = guarded_steps(build(2, None), 2)
+    dead = build(1, None)  # the gate sends every sample to e0 (rank 0's): the others get nothing anywhere
+    with torch.no_grad():
+        dead.moe.router.weight.zero_()
+        dead.moe.router.bias.copy_(torch.tensor([9.0, 0.0, 0.0, 0.0]))
+    results["dead"] = guarded_steps(dead, 3, starved_after=2)
+    cut = build(2, None)
+    cut.moe.e3 = Cut()  # held by the last rank
+    results["cut"] = guarded_steps(cut, 1)
+    capacity_dead = build(1, 1.0)  # capacity mode: every expert runs on its slots, zero rows or not
+    with torch.no_grad():
+        capacity_dead.moe.router.weight.zero_()
+        capacity_dead.moe.router.bias.copy_(torch.tensor([9.0, 0.0, 0.0, 0.0]))
+    results["capacity_dead"] = guarded_steps(capacity_dead, 1)
     return results
 
 
@@ -114,7 +171,7 @@ def run(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = {"numerics": numerics}[scenario]()
+        result = {"numerics": numerics, "numerics_four": numerics_four, "guard": guard, "all": lambda: {**numerics(), **guard()}}[scenario]()
     finally:
         dist.destroy_process_group()
     tmp = Path(out_dir) / f"rank{rank}.json.tmp"
