@@ -105,6 +105,9 @@ class ExpertDispatch:
         self.names, self.groups = tuple(names), groups
         per_rank = len(self.names) // groups.ep_size
         self.local = self.names[groups.ep_rank * per_rank : (groups.ep_rank + 1) * per_rank]
+        # rows this rank sent to other ranks in forwards so far, both all-to-alls (the backward sends
+        # as many gradient rows back); host-side counts, for the benchmark's traffic
+        self.rows_sent = 0
 
     def __call__(
         self,
@@ -116,8 +119,11 @@ class ExpertDispatch:
     ) -> tuple[Tensor, Tensor, Tensor, Sequence[str], Tensor | None]:
         experts = [branches[name] for name in self.local]
         if capacity_factor is None:
-            return _dispatch_sized(experts, self.local, scores, x, top_k, self.groups)
-        return _dispatch_with_capacity(experts, self.local, scores, x, top_k, capacity_factor, self.groups)
+            *result, sent = _dispatch_sized(experts, self.local, scores, x, top_k, self.groups)
+        else:
+            *result, sent = _dispatch_with_capacity(experts, self.local, scores, x, top_k, capacity_factor, self.groups)
+        self.rows_sent += sent
+        return tuple(result)
 
     def load_balancing_loss(self, probs: Tensor, chosen: Tensor) -> Tensor:
         """The Switch loss with the fractions ``f_e`` counted over every rank's samples.
@@ -163,7 +169,7 @@ def _dispatch_sized(
     x: Tensor,
     top_k: int,
     groups: ExpertGroups,
-) -> tuple[Tensor, Tensor, Tensor, list[str], None]:
+) -> tuple[Tensor, Tensor, Tensor, list[str], None, int]:
     size, per_rank, group = groups.ep_size, len(local), groups.ep_group
     n, batch = scores.shape[1], scores.shape[0]
     probs = scores.softmax(dim=-1)  # (batch, experts)
@@ -200,7 +206,9 @@ def _dispatch_sized(
     y = _a2a(back, send_sizes, recv_sizes, group)  # (batch * top_k, ...): in the order sent, sorted by expert
     w = weight.reshape(-1)[order].to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
     out = y.new_zeros((batch, *y.shape[1:])).index_add(0, sample, y * w)
-    return out, probs, chosen, ran, None
+    me = groups.ep_rank
+    sent_rows = sum(send_sizes) - send_sizes[me] + sum(recv_sizes) - recv_sizes[me]
+    return out, probs, chosen, ran, None, sent_rows
 
 
 def _dispatch_with_capacity(
@@ -211,7 +219,7 @@ def _dispatch_with_capacity(
     top_k: int,
     capacity_factor: float,
     groups: ExpertGroups,
-) -> tuple[Tensor, Tensor, Tensor, Sequence[str], Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Sequence[str], Tensor, int]:
     size, per_rank, group = groups.ep_size, len(local), groups.ep_group
     batch, n = scores.shape
     capacity = max(1, math.ceil(capacity_factor * batch * size * top_k / n))  # the global batch's
@@ -240,7 +248,7 @@ def _dispatch_with_capacity(
     w = slot_weight.to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
     out = y.new_zeros((batch + 1, *y.shape[1:])).index_add(0, slot_sample, y * w)[:batch]
     dropped = funcol.wait_tensor(funcol.all_reduce((~kept).sum(), "sum", group))  # over every rank of the group
-    return out, probs, chosen, local, dropped
+    return out, probs, chosen, local, dropped, 2 * (size - 1) * per_rank * capacity
 
 
 @dataclass(frozen=True)

@@ -165,13 +165,65 @@ def guard() -> dict:
     return results
 
 
+def checkpoint() -> dict:
+    """The strategy's checkpoint side on real collectives: save, resume exactly, refuse a changed size."""
+    from composites.training.strategies.expert_parallel import ExpertParallelStrategy
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    x, y = batch(world)
+    mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+
+    def trained(strategy: ExpertParallelStrategy) -> tuple[Sequential, torch.optim.Optimizer]:
+        model = build(2, None)
+        strategy.expert_parallel = shard_experts(model)
+        strategy._lightning_module = model  # what Lightning's connect() sets; no Trainer here
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, sorted(strategy.expert_parallel.expert_parameter_names)
+        )
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        strategy._optimizers = [optimizer]
+        return model, optimizer
+
+    def step(model: Sequential, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad()
+        ddp = DistributedDataParallel(model)
+        nn.functional.mse_loss(ddp(x[mine]), y[mine]).backward()
+        optimizer.step()
+
+    cpus = [torch.device("cpu")] * world
+    saving = ExpertParallelStrategy(parallel_devices=cpus)
+    model, optimizer = trained(saving)
+    step(model, optimizer)
+    saved = {"state_dict": saving.lightning_module_state_dict(), "optimizer_states": [saving.optimizer_state(optimizer)]}
+    resumed_strategy = ExpertParallelStrategy(parallel_devices=cpus)
+    resumed, resumed_optimizer = trained(resumed_strategy)
+    resumed_strategy.load_model_state_dict(saved)
+    resumed_strategy.load_optimizer_state_dict(saved)
+    step(model, optimizer)
+    step(resumed, resumed_optimizer)
+    whole = build(2, None)
+    whole.load_state_dict(saved["state_dict"])  # the checkpoint is the single-process model
+    other = dict(saved["optimizer_states"][0]["expert_parallel"], expert_parallel_size=1)
+    try:
+        resumed_strategy.load_optimizer_state_dict({**saved, "optimizer_states": [{"expert_parallel": other}]})
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    return {
+        "resumed_equal": all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values())),
+        "same_local_keys": list(model.state_dict()) == list(resumed.state_dict()),
+        "saved_keys": sorted(saved["state_dict"]) == sorted(whole.state_dict()),
+        "refused": refused,
+    }
+
+
 def run(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
     faulthandler.dump_traceback_later(150, exit=True)  # a hang dumps its stacks and fails, never waits forever
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = {"numerics": numerics, "numerics_four": numerics_four, "guard": guard, "all": lambda: {**numerics(), **guard()}}[scenario]()
+        result = {"numerics": numerics, "numerics_four": numerics_four, "guard": guard, "checkpoint": checkpoint, "all": lambda: {**numerics(), **guard(), "checkpoint": checkpoint()}}[scenario]()
     finally:
         dist.destroy_process_group()
     tmp = Path(out_dir) / f"rank{rank}.json.tmp"
