@@ -40,7 +40,9 @@ def _model() -> nn.Module:
     from composites import Conditional, Sequential
 
     torch.manual_seed(0)
-    experts = {f"e{i}": nn.Sequential(nn.Linear(WIDTH, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, WIDTH)) for i in range(EXPERTS)}
+    experts = {
+        f"e{i}": nn.Sequential(nn.Linear(WIDTH, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, WIDTH)) for i in range(EXPERTS)
+    }
     moe = Conditional(experts, router=nn.Linear(WIDTH, EXPERTS), top_k=TOP_K)
     return Sequential({"encoder": nn.Linear(WIDTH, WIDTH), "moe": moe, "head": nn.Linear(WIDTH, 10)})
 
@@ -155,7 +157,11 @@ def run(s: Settings) -> list[Row]:
     """EP against DDP on 2 and 4 gloo ranks (skipped with ``--quick``: it spawns processes)."""
     if s.quick:
         return [
-            Row("expert_parallel", "skipped: --quick (spawns processes); run python -m benchmarks --only expert_parallel", math.nan)
+            Row(
+                "expert_parallel",
+                "skipped: --quick (spawns processes); run python -m benchmarks --only expert_parallel",
+                math.nan,
+            )
         ]
     rows = []
     for world in (2, 4):

@@ -25,7 +25,12 @@ class Dispatcher(Protocol):
     """
 
     def __call__(
-        self, branches: Mapping[str, Callable[[Tensor], Tensor]], scores: Tensor, x: Tensor, top_k: int, capacity_factor: float | None
+        self,
+        branches: Mapping[str, Callable[[Tensor], Tensor]],
+        scores: Tensor,
+        x: Tensor,
+        top_k: int,
+        capacity_factor: float | None,
     ) -> tuple[Tensor, Tensor, Tensor, Sequence[str], Tensor | None]: ...
 
     def load_balancing_loss(self, probs: Tensor, chosen: Tensor) -> Tensor: ...
@@ -160,7 +165,9 @@ class Conditional(nn.Module):
             if name in self._modules  # under expert parallelism, this rank's branches only
         }
         if self.dispatcher is not None:
-            out, probs, chosen, ran_here, self.dropped = self.dispatcher(branches, decision, x, self.top_k, self.capacity_factor)
+            out, probs, chosen, ran_here, self.dropped = self.dispatcher(
+                branches, decision, x, self.top_k, self.capacity_factor
+            )
             self.active_branches = tuple(ran_here)
             if torch.is_grad_enabled():
                 self._ran_since_check.update(self.active_branches)

@@ -40,7 +40,6 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from ..modules import Conditional, is_under, join_name
-from ..modules.routing import load_balancing_loss
 
 
 @dataclass(frozen=True)
@@ -279,7 +278,9 @@ class ExpertParallel:
         """One line: which Conditionals, experts per rank, the group sizes."""
         g = self.groups
         where = ", ".join(
-            f"'{s.path}' ({s.experts} experts, {len(s.local)} per rank)" if s.path else f"the model ({s.experts} experts, {len(s.local)} per rank)"
+            f"'{s.path}' ({s.experts} experts, {len(s.local)} per rank)"
+            if s.path
+            else f"the model ({s.experts} experts, {len(s.local)} per rank)"
             for s in self.sharded
         )
         return (
@@ -383,6 +384,12 @@ def shard_experts(model: nn.Module, ep_size: int | None = None, groups: ExpertGr
         torch.Size([3, 2])
         >>> dist.destroy_process_group()
     """
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise ValueError(
+            "expert parallelism: the model is sharded already (FSDP2 / DTensor parameters); expert parallelism does "
+            "not compose with FSDP2: spread the experts on a plain model and train the rest data-parallel "
+            "(trainer=expert_parallel), or shard the whole model with trainer=fsdp"
+        )
     found = routed_conditionals(model)
     if not found:
         raise ValueError(

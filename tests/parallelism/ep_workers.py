@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from composites import Conditional, GradientFlowError, GradientGuard, Sequential
+from composites import Conditional, GradientFlowError, GradientGuard, Parallel, Sequential
 from composites.parallelism import expert_groups, shard_experts
 
 LOCAL_BATCH = 6
@@ -91,6 +91,62 @@ def case(groups, top_k: int, capacity_factor: float | None, optimizer: str, skew
     }
 
 
+def composed() -> Sequential:
+    """Two spread Conditionals: one inside a Parallel, with a Conditional nested in one of its experts
+    (that one stays whole on the expert's rank), and one in capacity mode further on."""
+    torch.manual_seed(0)
+    inner = Conditional({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)}, router=nn.Linear(4, 2))
+    experts = {"e0": inner, **{f"e{i}": nn.Linear(4, 4) for i in range(1, 4)}}
+    return Sequential(
+        {
+            "encoder": nn.Linear(3, 4),
+            "both": Parallel(
+                {"moe": Conditional(experts, router=nn.Linear(4, 4), top_k=2), "skip": nn.Linear(4, 4)}, combine="sum"
+            ),
+            "capped": Conditional(
+                {f"c{i}": nn.Linear(4, 4) for i in range(4)}, router=nn.Linear(4, 4), capacity_factor=0.75
+            ),
+            "head": nn.Linear(4, 2),
+        }
+    )
+
+
+def composed_case() -> dict:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    x, y = batch(world)
+
+    def loss(model: nn.Module, core: Sequential, rows: slice) -> torch.Tensor:
+        fit = nn.functional.mse_loss(model(x[rows]), y[rows])
+        return fit + 0.1 * (core.both.moe.load_balancing_loss() + core.capped.load_balancing_loss())
+
+    reference = composed()
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.1)
+    ref_loss = loss(reference, reference, slice(None))
+    ref_loss.backward()
+    ref_opt.step()
+    model = composed()
+    ep = shard_experts(model, groups=expert_groups())
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ep.expert_parameter_names))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    ddp = DistributedDataParallel(model)  # held: its reducer averages the gradients in backward
+    local_loss = loss(ddp, model, mine)
+    local_loss.backward()
+    opt.step()
+    mean_loss = local_loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    full = ep.full_state_dict(model)
+    return {
+        "loss": abs(float(mean_loss) / world - float(ref_loss.detach())),
+        "params": max(float((full[k] - v).abs().max()) for k, v in reference.state_dict().items()),
+        "same_keys": sorted(full) == sorted(reference.state_dict()),
+        "gate_grad": 0.0,
+        "dropped": [None if m.capped.dropped is None else int(m.capped.dropped) for m in (model, reference)],
+        "spread": [s.path for s in ep.sharded],
+        "local_experts": sorted(n for n in model.both.moe.branch_names if hasattr(model.both.moe, n)),
+    }
+
+
 def numerics_four() -> dict:
     """Four ranks: fewer cases (each costs four busy processes), one of them with copies of the expert shards."""
     groups = expert_groups()
@@ -107,6 +163,7 @@ def numerics() -> dict:
     groups = expert_groups()
     results = {}
     results["top1-cfNone-sgd"] = case(groups, 1, None, "sgd", False)
+    results["composed"] = composed_case()
     for top_k in (1, 2):
         for capacity_factor, skew in ((None, False), (1.0, True), (0.5, False)):
             results[f"top{top_k}-cf{capacity_factor}-adam"] = case(groups, top_k, capacity_factor, "adam", skew)
@@ -194,7 +251,10 @@ def checkpoint() -> dict:
     saving = ExpertParallelStrategy(parallel_devices=cpus)
     model, optimizer = trained(saving)
     step(model, optimizer)
-    saved = {"state_dict": saving.lightning_module_state_dict(), "optimizer_states": [saving.optimizer_state(optimizer)]}
+    saved = {
+        "state_dict": saving.lightning_module_state_dict(),
+        "optimizer_states": [saving.optimizer_state(optimizer)],
+    }
     resumed_strategy = ExpertParallelStrategy(parallel_devices=cpus)
     resumed, resumed_optimizer = trained(resumed_strategy)
     resumed_strategy.load_model_state_dict(saved)
@@ -210,7 +270,9 @@ def checkpoint() -> dict:
     except ValueError as error:
         refused = str(error)
     return {
-        "resumed_equal": all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values())),
+        "resumed_equal": all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values())
+        ),
         "same_local_keys": list(model.state_dict()) == list(resumed.state_dict()),
         "saved_keys": sorted(saved["state_dict"]) == sorted(whole.state_dict()),
         "refused": refused,
@@ -223,7 +285,13 @@ def run(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = {"numerics": numerics, "numerics_four": numerics_four, "guard": guard, "checkpoint": checkpoint, "all": lambda: {**numerics(), **guard(), "checkpoint": checkpoint()}}[scenario]()
+        result = {
+            "numerics": numerics,
+            "numerics_four": numerics_four,
+            "guard": guard,
+            "checkpoint": checkpoint,
+            "all": lambda: {**numerics(), **guard(), "checkpoint": checkpoint()},
+        }[scenario]()
     finally:
         dist.destroy_process_group()
     tmp = Path(out_dir) / f"rank{rank}.json.tmp"

@@ -25,7 +25,9 @@ TOLERANCE = 1e-5
 def spawn(scenario: str, ranks: int) -> dict[int, dict]:
     out = Path(tempfile.mkdtemp())
     paths = {rank: out / f"rank{rank}.json" for rank in range(ranks)}
-    if failed := spawn_until_written(ep_workers.run, (ranks, free_port(), scenario, str(out)), paths.values(), TIMEOUT_S, ranks):
+    if failed := spawn_until_written(
+        ep_workers.run, (ranks, free_port(), scenario, str(out)), paths.values(), TIMEOUT_S, ranks
+    ):
         pytest.fail(f"expert-parallel scenario '{scenario}' on {ranks} ranks: {failed}")
     return {rank: json.loads(path.read_text()) for rank, path in paths.items()}
 
@@ -41,7 +43,7 @@ def four_ranks() -> dict[int, dict]:
     return spawn("numerics_four", 4)
 
 
-NUMERIC_CASES = [f"top{k}-cf{cf}-adam" for k in (1, 2) for cf in (None, 1.0, 0.5)] + ["top1-cfNone-sgd"]
+NUMERIC_CASES = [f"top{k}-cf{cf}-adam" for k in (1, 2) for cf in (None, 1.0, 0.5)] + ["top1-cfNone-sgd", "composed"]
 
 
 @pytest.mark.slow
@@ -55,6 +57,27 @@ def test_two_ranks_give_the_single_process_loss_gate_gradient_and_parameters_aft
         assert result["params"] < TOLERANCE
         dropped, expected = result["dropped"]
         assert dropped == expected  # capacity drops the very pairs the single-process model drops
+
+
+@pytest.mark.slow
+def test_two_conditionals_one_in_a_parallel_with_a_conditional_nested_in_an_expert_are_spread_outermost_only(two_ranks):
+    assert two_ranks[0]["composed"]["spread"] == ["both.moe", "capped"]  # the nested one stays whole on e0's rank
+    assert two_ranks[0]["composed"]["dropped"] == [4, 4]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_exactly_holds_the_single_process_model_and_refuses_another_size(two_ranks):
+    for rank in (0, 1):
+        result = two_ranks[rank]["checkpoint"]
+        assert result["resumed_equal"] and result["same_local_keys"] and result["saved_keys"]
+        assert (
+            "saved on 2 ranks with expert_parallel_size=1, this run has 2 ranks with expert_parallel_size=2"
+            in (result["refused"])
+        )
+        assert (
+            "resume with the same trainer.devices * trainer.num_nodes and trainer.strategy.expert_parallel_size"
+            in (result["refused"])
+        )
 
 
 @pytest.mark.slow
@@ -121,7 +144,9 @@ def world_of_one() -> Iterator[None]:
 
 
 def moe(experts: int = 3) -> Sequential:
-    return Sequential({"moe": Conditional({f"e{i}": nn.Linear(2, 2) for i in range(experts)}, router=nn.Linear(2, experts))})
+    return Sequential(
+        {"moe": Conditional({f"e{i}": nn.Linear(2, 2) for i in range(experts)}, router=nn.Linear(2, experts))}
+    )
 
 
 def test_an_expert_parallel_size_that_does_not_divide_the_world_is_refused_naming_the_key(world_of_one):
@@ -147,6 +172,11 @@ def test_on_one_rank_every_expert_stays_and_the_output_is_the_single_process_one
 
 
 def test_experts_that_do_not_split_evenly_over_the_group_are_refused_naming_the_sizes_that_would():
-    pair = ExpertGroups(world_size=2, ep_size=2, ep_rank=0, ep_group=None, replica_size=1, replica_group=None, world_group=None)
-    with pytest.raises(ValueError, match=r"'moe' has 3 experts, which do not split evenly over expert_parallel_size=2 ranks; set expert_parallel_size to one of \[1\]"):
+    pair = ExpertGroups(
+        world_size=2, ep_size=2, ep_rank=0, ep_group=None, replica_size=1, replica_group=None, world_group=None
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"'moe' has 3 experts, which do not split evenly over expert_parallel_size=2 ranks; set expert_parallel_size to one of \[1\]",
+    ):
         shard_experts(moe(3), groups=pair)
