@@ -71,6 +71,7 @@ ORDER = (
     "routing",
     "lightning",
     "fsdp",
+    "expert_parallel",
     "compile",
     "gpu",
 )  # the reading order of the table

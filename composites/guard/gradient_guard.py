@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from .sharded import ShardedArrivals
 from .starvation import STARVED_AFTER
 from .step import RecordedCall, StepRecord
 from .structure import grouped_grad_norms, submodel_names, unregistered_tensors
-from .sync import Layout, any_rank, gather_problems, is_distributed, parameter_layout, reduce_flags
+from .sync import RankAgreement, is_distributed
 
 
 class GradientGuard:
@@ -106,7 +105,7 @@ class GradientGuard:
         self._checks = 0
         self._param_handles: list[Any] = []
         self._sharded: ShardedArrivals | None = None
-        self._layout: Layout | None = None  # every rank's parameter names: gathered at the first distributed check
+        self._ranks = RankAgreement()  # one verdict on every rank, whatever parameters each holds
         self._hooked: set[int] = set()
         self._capture = StateCapture(model)
         self.set_optimizer(optimizer)
@@ -124,7 +123,7 @@ class GradientGuard:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.submodels = submodel_names(self.model, self.names)
-        self._layout = None
+        self._ranks.forget()
         self._inactive.refresh(self.model, self.names)  # checks the may_skip patterns first
         for handle in self._param_handles:
             handle.remove()
@@ -199,24 +198,14 @@ class GradientGuard:
         not_in_opt = self._coverage.missing(self.params)
         non_finite, overflow = self._finite(self.params, loss) if self.check_finite else (False, False)
         distributed = is_distributed()
-        explain, reached, layout, elsewhere = missing, self._reached, None, False
+        explain, reached, elsewhere = missing, self._reached, False
         if distributed:  # one collective: a parameter is fine when any rank reached it
-            if self._layout is None:
-                self._layout = parameter_layout(self.names)
-            # ranks holding different parameters (expert parallelism): flags laid out over the union of names
-            layout = None if self._layout.uniform else self._layout
-            reached = set()
-            flagged, non_finite, elsewhere = reduce_flags(
-                self.params, self._reached, missing, non_finite, anywhere=reached, layout=layout
-            )
+            flagged, non_finite, elsewhere, reached = self._ranks.reduce(self, self._reached, missing, non_finite)
             # a rank explains only what it missed itself: where it was routed out, another rank has the cause
             missing, explain = flagged, flagged & missing
         starved = self._inactive.starved(countable & trainable, reached, inactive - missing)
         problems: list[Problem] = []
-        trouble = bool(missing or non_finite or not_in_opt or self._unregistered or starved or elsewhere)
-        if layout is not None:  # what only this rank holds (its experts) can fail here alone: agree first
-            trouble = any_rank(trouble)
-        if trouble:
+        if self._ranks.agree(bool(missing or non_finite or not_in_opt or self._unregistered or starved or elsewhere)):
             calls, no_grad = list(self._root_calls or self._calls), frozenset(self._no_grad_calls)
             step = StepRecord(
                 self.model,
@@ -228,14 +217,12 @@ class GradientGuard:
                 self._unregistered,
                 check=self._checks,
                 loss=loss,
-                collective_forward=layout is not None,  # its forward runs all-to-alls: every rank replays it
+                collective_forward=distributed and self._ranks.spread,  # all-to-alls in it: every rank replays
             )
             explained = diagnose if self._sharded is None else self._sharded.diagnose
             problems = explained(step, explain, non_finite, not_in_opt, starved)
             if distributed:
-                problems = gather_problems(problems)
-            if layout is not None:  # a parameter only some ranks hold is named with them
-                problems = [_with_holders(p, layout.holders.get(p.parameter)) for p in problems]
+                problems = self._ranks.problems(problems)
         shown = inactive - self._reached
         report = GuardReport(
             checked=len(trainable),
@@ -261,10 +248,3 @@ class GradientGuard:
         if self._sharded is not None:  # whole parameters, not this rank's shard (a collective: every rank calls it)
             return self._sharded.grad_norms(self.names, self.params, self.submodels)
         return grouped_grad_norms(zip(self.names, self.params), self.submodels)
-
-
-def _with_holders(problem: Problem, ranks: tuple[int, ...] | None) -> Problem:
-    if not ranks:
-        return problem
-    held = f"on rank {ranks[0]}" if len(ranks) == 1 else f"on ranks {', '.join(map(str, ranks))}"
-    return replace(problem, where=f"{problem.where} ({held})" if problem.where else held)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -107,3 +108,59 @@ def gather_problems(problems: list[Problem]) -> list[Problem]:
         for p in rank_problems or []:
             by_param.setdefault(p.parameter, p)
     return sorted(by_param.values(), key=lambda p: p.parameter)
+
+
+def with_holders(problems: list[Problem], layout: Layout) -> list[Problem]:
+    """Each problem of a parameter only some ranks hold (an expert) says which: ``(on rank 1)``."""
+    named = []
+    for p in problems:
+        ranks = layout.holders.get(p.parameter)
+        if ranks:
+            held = f"on rank {ranks[0]}" if len(ranks) == 1 else f"on ranks {', '.join(map(str, ranks))}"
+            p = replace(p, where=f"{p.where} ({held})" if p.where else held)
+        named.append(p)
+    return named
+
+
+class RankAgreement:
+    """The guard's collectives: one verdict on every rank, also where ranks hold different parameters.
+
+    Under DDP and FSDP every rank holds the same parameters. Under expert parallelism a rank
+    holds only its experts (``spread``): the flags are laid out over the union of names, what
+    only one rank holds can fail there alone (so the ranks agree on whether to diagnose), and a
+    problem of such a parameter names its rank.
+    """
+
+    def __init__(self) -> None:
+        self.layout: Layout | None = None  # every rank's names, gathered at the first distributed check
+
+    def forget(self) -> None:
+        """The parameters were read again: gather the names at the next check."""
+        self.layout = None
+
+    @property
+    def spread(self) -> bool:
+        """Ranks hold different parameters (expert parallelism), in a live process group."""
+        return self.layout is not None and not self.layout.uniform and is_distributed()
+
+    def reduce(
+        self, guard: Any, reached: set[int], missing: set[int], non_finite: bool
+    ) -> tuple[set[int], bool, bool, set[int]]:
+        """:func:`reduce_flags` over ``guard.params`` (their names' layout gathered once), with what
+        it fills in: ``(flagged here, non-finite anywhere, flagged anywhere, reached anywhere)``."""
+        if self.layout is None:
+            self.layout = parameter_layout(guard.names)
+        anywhere: set[int] = set()
+        flagged, non_finite, elsewhere = reduce_flags(
+            guard.params, reached, missing, non_finite, anywhere, self.layout if self.spread else None
+        )
+        return flagged, non_finite, elsewhere, anywhere
+
+    def agree(self, trouble: bool) -> bool:
+        """Whether some rank found trouble (every rank calls it; a collective only when ``spread``)."""
+        return any_rank(trouble) if self.spread else trouble
+
+    def problems(self, problems: list[Problem]) -> list[Problem]:
+        """Every rank's problems merged, each parameter only some ranks hold named with them."""
+        merged = gather_problems(problems)
+        return with_holders(merged, self.layout) if self.spread else merged

@@ -3,37 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .children import named_modules_from, register_children, run_child
-from .routing import dispatch_top_k, dispatch_with_capacity, load_balancing_loss
+from .routing import Dispatcher, dispatch_top_k, dispatch_with_capacity, load_balancing_loss
 
 Router = Callable[..., "str | Tensor"]
-
-
-class Dispatcher(Protocol):
-    """Runs score-routed samples through branches that may live on other ranks (expert parallelism).
-
-    Called with this rank's branches (name -> callable), the scores ``(batch, branches)``, the
-    input, ``top_k`` and ``capacity_factor``; returns ``(output, probs, chosen, ran, dropped)``:
-    ``ran`` names the local branches that ran on some rank's samples, ``dropped`` is as in
-    :func:`~composites.modules.routing.dispatch_with_capacity` (``None`` without capacity).
-    """
-
-    def __call__(
-        self,
-        branches: Mapping[str, Callable[[Tensor], Tensor]],
-        scores: Tensor,
-        x: Tensor,
-        top_k: int,
-        capacity_factor: float | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Sequence[str], Tensor | None]: ...
-
-    def load_balancing_loss(self, probs: Tensor, chosen: Tensor) -> Tensor: ...
 
 
 class Conditional(nn.Module):
