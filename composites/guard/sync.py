@@ -51,7 +51,8 @@ def parameter_layout(names: Sequence[str]) -> Layout:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on some rank (one tiny all-reduce)."""
-    value = torch.tensor([int(flag)], dtype=torch.uint8)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    value = torch.tensor([int(flag)], dtype=torch.uint8, device=device)  # NCCL reduces device tensors only
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value)
 

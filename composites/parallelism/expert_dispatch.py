@@ -22,6 +22,11 @@ class ExpertDispatch:
     Args:
         names: all branch names of the Conditional, in order (the global expert ids).
         groups: the process groups; this rank holds experts ``[ep_rank * E / ep_size, ...)``.
+
+    Example:
+        >>> pair = ExpertGroups(2, 2, 1, None, 1, None, None)  # rank 1 of an expert-parallel group of 2
+        >>> ExpertDispatch(["a", "b", "c", "d"], pair).local
+        ('c', 'd')
     """
 
     def __init__(self, names: Sequence[str], groups: ExpertGroups):

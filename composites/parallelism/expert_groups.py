@@ -15,6 +15,10 @@ class ExpertGroups:
     Ranks ``[i * ep_size, (i + 1) * ep_size)`` form expert-parallel group ``i``: together they
     hold every expert once. Ranks with the same position in their group hold the same experts
     and form a replica group (``None`` when the expert-parallel group spans all ranks).
+
+    Example:
+        >>> ExpertGroups(4, 2, 1, None, 2, None, None).replica_size  # rank 3 of 4: second of its pair, two copies
+        2
     """
 
     world_size: int
@@ -32,6 +36,15 @@ def expert_groups(ep_size: int | None = None) -> ExpertGroups:
     Args:
         ep_size: ranks that share one copy of the experts (``None``: all ranks). Must divide the
             world size.
+
+    Example:
+        >>> import os, tempfile
+        >>> store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+        >>> dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        >>> groups = expert_groups()
+        >>> groups.ep_size, groups.ep_rank, groups.replica_size, groups.replica_group
+        (1, 0, 1, None)
+        >>> dist.destroy_process_group()
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("expert parallelism needs an initialised torch.distributed process group")

@@ -59,6 +59,10 @@ class ExpertParallel:
         sharded: the Conditionals whose experts were spread.
         expert_parameter_names: qualified names of this rank's expert parameters (for DDP to
             ignore: they are not replicated over the data-parallel ranks).
+
+    Example (what :func:`shard_experts` returns):
+        >>> ExpertParallel(ExpertGroups(2, 2, 0, None, 1, None, None), [], {"moe.e0.weight"}).expert_parameter_names
+        frozenset({'moe.e0.weight'})
     """
 
     def __init__(self, groups: ExpertGroups, sharded: Sequence[ShardedConditional], expert_parameter_names: set[str]):
@@ -94,7 +98,7 @@ class ExpertParallel:
         params = self.expert_parameters(model)
         if not params:
             return
-        present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.groups.replica_group)
         for p, somewhere in zip(params, present.tolist()):
             if not somewhere:
@@ -135,6 +139,12 @@ def routed_conditionals(model: nn.Module) -> list[tuple[str, Conditional]]:
 
     A Conditional inside another's branch runs on the rank that holds that branch, with all of
     its own branches there: it stays local.
+
+    Example:
+        >>> inner = Conditional({"x": nn.Identity(), "y": nn.Identity()}, router=nn.Linear(2, 2))
+        >>> outer = Conditional({"a": inner, "b": nn.Identity()}, router=nn.Linear(2, 2))
+        >>> [path for path, _ in routed_conditionals(nn.ModuleDict({"moe": outer}))]
+        ['moe']
     """
     found: list[tuple[str, Conditional]] = []
     for path, module in model.named_modules():

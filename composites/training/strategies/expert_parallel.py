@@ -37,6 +37,11 @@ class ExpertParallelStrategyBase:
         expert_parallel_size: ranks that share one copy of the experts (``None``: all ranks);
             it must divide the world size and every routed Conditional's number of experts.
         **kwargs: ``DDPStrategy`` arguments.
+
+    Example:
+        >>> from composites.training.strategies.expert_parallel import ExpertParallelStrategy
+        >>> ExpertParallelStrategy(expert_parallel_size=2).expert_parallel_size  # over pytorch_lightning's DDPStrategy
+        2
     """
 
     def __init__(self, expert_parallel_size: int | None = None, **kwargs: Any):
@@ -44,15 +49,27 @@ class ExpertParallelStrategyBase:
         self.expert_parallel_size = expert_parallel_size
         self.expert_parallel: ExpertParallel | None = None
 
-    def setup(self, trainer: Any) -> None:
-        if self.expert_parallel is None:  # once: fit then test reuse the sharded model
+    def spread(self) -> ExpertParallel:
+        """Spread the module's experts over the ranks, once (resuming loads the weights before ``setup``)."""
+        if self.expert_parallel is None:  # fit then test reuse the spread model
             module = self.lightning_module
             self.expert_parallel = shard_experts(module, self.expert_parallel_size)
             ignored = sorted(self.expert_parallel.expert_parameter_names)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
             if self.global_rank == 0:
                 print(self.expert_parallel.summary(), flush=True)
+        return self.expert_parallel
+
+    def setup(self, trainer: Any) -> None:
+        self.spread()
         super().setup(trainer)
+        wrapped = getattr(self.model, "parameters_to_ignore", None)  # DDP's, when it wrapped the module
+        if wrapped is not None and not self.expert_parallel.expert_parameter_names <= set(wrapped):
+            raise RuntimeError(
+                "trainer=expert_parallel: DDP did not take the expert parameters out of its all-reduce (it wraps "
+                f"{type(self.model.module).__name__}, not the LightningModule?); the experts would be averaged "
+                "across ranks that hold different ones"
+            )
 
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
@@ -64,10 +81,10 @@ class ExpertParallelStrategyBase:
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
-        module.load_state_dict(self.expert_parallel.local_state_dict(checkpoint["state_dict"], module), strict=strict)
+        module.load_state_dict(self.spread().local_state_dict(checkpoint["state_dict"], module), strict=strict)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        own = super().optimizer_state(optimizer)
+        own = _on_cpu(super().optimizer_state(optimizer))  # unpickled on the sender's device otherwise
         every: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(every, own)
         groups = self.expert_parallel.groups
@@ -95,6 +112,16 @@ class ExpertParallelStrategyBase:
                 )
             states.append(saved["ranks"][dist.get_rank()])
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.cpu()
+    if isinstance(value, Mapping):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 # The real strategies, one per Lightning package. They move to composites/training/pytorch_lightning.py
