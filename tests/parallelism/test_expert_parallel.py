@@ -180,3 +180,24 @@ def test_experts_that_do_not_split_evenly_over_the_group_are_refused_naming_the_
         match=r"'moe' has 3 experts, which do not split evenly over expert_parallel_size=2 ranks; set expert_parallel_size to one of \[1\]",
     ):
         shard_experts(moe(3), groups=pair)
+
+
+def test_a_spread_conditional_whose_gate_names_one_branch_for_the_batch_says_it_needs_scores(world_of_one):
+    class NamesA(nn.Module):
+        def forward(self, x: torch.Tensor) -> str:
+            return "e0"
+
+    model = Sequential({"moe": Conditional({"e0": nn.Linear(2, 2), "e1": nn.Linear(2, 2)}, router=NamesA())})
+    shard_experts(model)
+    with pytest.raises(RuntimeError, match="branch 'e0' for the whole batch, but the branches are spread over ranks"):
+        model(torch.ones(1, 2))
+
+
+def test_a_model_sharded_with_fsdp2_is_refused_saying_the_two_do_not_compose(world_of_one):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = moe(2)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    with pytest.raises(ValueError, match="does not compose with FSDP2.*trainer=expert_parallel.*trainer=fsdp"):
+        shard_experts(model)
