@@ -90,6 +90,9 @@ def _keep_in_graph(y: Tensor, received: Tensor) -> Tensor:
     return y if y.requires_grad else y.detach().requires_grad_()
 
 
+# as the single-process dispatch: its chunk sizes are data (a host read), so under torch.compile
+# it runs eagerly (one graph break, no recompile per set of counts)
+@torch.compiler.disable(recursive=False)
 def _dispatch_sized(
     experts: Sequence[Callable[[Tensor], Tensor]],
     local: Sequence[str],
