@@ -224,7 +224,7 @@ def guard() -> dict:
 
 def checkpoint() -> dict:
     """The strategy's checkpoint side on real collectives: save, resume exactly, refuse a changed size."""
-    from composites.training.strategies.expert_parallel import ExpertParallelStrategy
+    from composites.training import ExpertParallelStrategy
 
     world, rank = dist.get_world_size(), dist.get_rank()
     x, y = batch(world)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.scripts.train_helpers import QUICK, ROOT, compose_train, train
 
@@ -72,9 +73,18 @@ def test_the_command_line(tmp_path):
     missing = run_script(cwd=tmp_path)
     bogus = run_script("+composite=bogus", cwd=tmp_path)
     typo = run_script("+composite=sequential", "guard=rase", cwd=tmp_path)
+    guard_dir = tmp_path / "guard"  # the guard's options from the command line, as the docs write them
+    guard = run_script(
+        "+composite=conditional",
+        "module.guard.may_skip=[experts.*]",
+        "guard=warn",
+        *QUICK,
+        f"hydra.run.dir={guard_dir}",
+        cwd=tmp_path,
+    )
     results = {
         name: (p, *p.communicate(timeout=300))
-        for name, p in [("ok", ok), ("missing", missing), ("bogus", bogus), ("typo", typo)]
+        for name, p in [("ok", ok), ("missing", missing), ("bogus", bogus), ("typo", typo), ("guard", guard)]
     }
 
     p, out, err = results["ok"]
@@ -100,6 +110,11 @@ def test_the_command_line(tmp_path):
     p, out, err = results["typo"]
     assert p.returncode == 1
     assert "Invalid value 'rase', expected one of [raise, warn, off]\n    full_key: guard" in err
+
+    p, out, err = results["guard"]
+    assert p.returncode == 0, err
+    ran = OmegaConf.to_container(OmegaConf.load(guard_dir / ".hydra" / "config.yaml").module.guard, resolve=True)
+    assert (ran["mode"], ran["may_skip"]) == ("warn", ["experts.*"]) and "test/acc" in out
 
 
 def test_last_ckpt_follows_the_newest_epoch_even_when_the_metric_does_not_improve(tmp_path):

@@ -1,1 +1,2 @@
-"""Lightning strategies for composites that spread parts of the model over ranks (expert parallelism)."""
+"""Lightning strategies fitted to composites: DDP set-up for routed models, FSDP2 sharding one unit per sub-model,
+expert parallelism (a Conditional's experts spread over ranks)."""

@@ -1,8 +1,8 @@
 """Expert parallelism through Lightning: DDP for everything but the experts, which are spread over ranks.
 
-The behaviour is written once, in :class:`ExpertParallelStrategyBase` (it uses no Lightning name); the
-real strategies are that mixin over each Lightning package's ``DDPStrategy``: ``ExpertParallelStrategy``
-(``pytorch_lightning``) and ``LightningExpertParallelStrategy`` (``lightning``).
+The behaviour is written once, in :class:`ExpertParallelStrategyBase` (no Lightning import); the real
+strategies are that base over each package's ``DDPStrategy``: ``composites.training.ExpertParallelStrategy``
+(``pytorch_lightning``) and ``composites.training.lightning.ExpertParallelStrategy``.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class ExpertParallelStrategyBase:
         **kwargs: ``DDPStrategy`` arguments.
 
     Example:
-        >>> from composites.training.strategies.expert_parallel import ExpertParallelStrategy
-        >>> ExpertParallelStrategy(expert_parallel_size=2).expert_parallel_size  # over pytorch_lightning's DDPStrategy
+        >>> from composites.training import ExpertParallelStrategy  # over pytorch_lightning's DDPStrategy
+        >>> ExpertParallelStrategy(expert_parallel_size=2).expert_parallel_size
         2
     """
 
@@ -122,17 +122,3 @@ def _on_cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_on_cpu(v) for v in value)
     return value
-
-
-# The real strategies, one per Lightning package. They move to composites/training/pytorch_lightning.py
-# and lightning.py when those modules declare plain classes (issue 18); until then they are here.
-import lightning.pytorch  # noqa: E402
-import pytorch_lightning  # noqa: E402
-
-
-class ExpertParallelStrategy(ExpertParallelStrategyBase, pytorch_lightning.strategies.DDPStrategy):
-    """:class:`ExpertParallelStrategyBase` over ``pytorch_lightning``'s ``DDPStrategy`` (``trainer=expert_parallel``)."""
-
-
-class LightningExpertParallelStrategy(ExpertParallelStrategyBase, lightning.pytorch.strategies.DDPStrategy):
-    """:class:`ExpertParallelStrategyBase` over ``lightning.pytorch``'s ``DDPStrategy`` (for ``lightning.Trainer``)."""
