@@ -72,6 +72,7 @@ ORDER = (
     "lightning",
     "fsdp",
     "expert_parallel",
+    "pipeline",
     "compile",
     "gpu",
 )  # the reading order of the table

@@ -60,6 +60,10 @@ class GradientGuard:
         starved_after: checks in a row without a gradient that make an inactive branch or
             may-skip parameter ``starved`` (``None``: off). The default, 200, gives no false
             alarm for 8 experts top-1 ((7/8)**200 = 2.6e-12) or LayerDrop 0.1 (0.1**200).
+        group: under torch.distributed, the process group of the ranks that hold these same
+            parameters (data-parallel copies, whose gradients are reduced): a parameter is fine
+            when one of them reached it. Default: every rank. A pipeline stage's guard gives
+            its stage's data-parallel group (see ``composites.parallelism.pipeline_guard``).
 
     Example:
         >>> import torch
@@ -92,7 +96,9 @@ class GradientGuard:
         overflow_patience: int = 20,
         may_skip: Sequence[str] = (),
         starved_after: int | None = STARVED_AFTER,
+        group: Any = None,
     ):
+        self.group = group
         self.model = model = uncompiled(require_module(model))  # a compiled model: its eager module, named as such
         self.check_finite = check_finite
         self._finite = FiniteCheck(scaler, overflow_patience)
@@ -107,7 +113,7 @@ class GradientGuard:
         self._checks = 0
         self._param_handles: list[Any] = []
         self._sharded: ShardedArrivals | None = None
-        self._ranks = RankAgreement()  # one verdict on every rank, whatever parameters each holds
+        self._ranks = RankAgreement(group)  # one verdict on every rank, whatever parameters each holds
         self._hooked: set[int] = set()
         self._capture = StateCapture(model)
         self.set_optimizer(optimizer)
@@ -202,7 +208,7 @@ class GradientGuard:
         missing = trainable - self._reached - inactive - unhooked
         not_in_opt = self._coverage.missing(self.params)
         non_finite, overflow = self._finite(self.params, loss) if self.check_finite else (False, False)
-        distributed = is_distributed()
+        distributed = is_distributed(self.group)
         explain, reached, elsewhere = missing, self._reached, False
         if distributed:  # one collective: a parameter is fine when any rank reached it
             flagged, non_finite, elsewhere, reached = self._ranks.reduce(self, self._reached, missing, non_finite)

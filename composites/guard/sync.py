@@ -13,9 +13,9 @@ from torch import nn
 from .problems import Problem
 
 
-def is_distributed() -> bool:
-    """True inside an initialised process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def is_distributed(group: Any = None) -> bool:
+    """True inside an initialised process group of more than one rank (``group``: that group, else every rank)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,10 @@ class Layout:
     holders: dict[str, tuple[int, ...]]  # names not held by every rank -> the ranks that hold them
 
 
-def parameter_layout(names: Sequence[str]) -> Layout:
+def parameter_layout(names: Sequence[str], group: Any = None) -> Layout:
     """Every rank's parameter names gathered once (a collective: every rank calls it when its guard reads them)."""
-    gathered: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, list(names))
+    gathered: list[list[str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, list(names), group=group)
     union: dict[str, int] = {}
     held: dict[str, list[int]] = {}
     for rank, rank_names in enumerate(gathered):
@@ -49,11 +49,11 @@ def parameter_layout(names: Sequence[str]) -> Layout:
     return Layout(tuple(union[n] for n in names), len(union), uniform, holders)
 
 
-def any_rank(flag: bool) -> bool:
+def any_rank(flag: bool, group: Any = None) -> bool:
     """True on every rank when ``flag`` is True on some rank (one tiny all-reduce)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
     value = torch.tensor([int(flag)], dtype=torch.uint8, device=device)  # NCCL reduces device tensors only
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value)
 
 
@@ -64,6 +64,7 @@ def reduce_flags(
     non_finite: bool,
     anywhere: set[int] | None = None,
     layout: Layout | None = None,
+    group: Any = None,
 ) -> tuple[set[int], bool, bool]:
     """Combine every rank's view with a single MAX all-reduce.
 
@@ -73,12 +74,13 @@ def reduce_flags(
     Returns ``(flagged here, non-finite anywhere, flagged anywhere)``.
     When given, ``anywhere`` is filled with the parameters some rank reached (what starvation counts).
     With a ``layout`` (ranks holding different parameters), each flag sits at its name's position
-    in the union; the result still holds this rank's indices only.
+    in the union; the result still holds this rank's indices only. ``group``: the ranks that
+    hold these same parameters (default: every rank).
     """
     n = len(params) if layout is None else layout.total
     at = list(range(len(params))) if layout is None else layout.positions
     device = params[0].device if params else torch.device("cpu")
-    if dist.get_backend() == "gloo":
+    if dist.get_backend(group) == "gloo":
         device = torch.device("cpu")
     flags = torch.zeros(2 * n + 1, dtype=torch.uint8)
     if reached:
@@ -87,7 +89,7 @@ def reduce_flags(
         flags[[n + at[i] for i in missing]] = 1
     flags[2 * n] = int(non_finite)
     flags = flags.to(device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     flags = flags.cpu()
     index = torch.tensor(at, dtype=torch.long)
     reached_somewhere = flags[:n].bool()
@@ -98,10 +100,10 @@ def reduce_flags(
     return set(flagged[index].nonzero().flatten().tolist()), bool(flags[2 * n]), bool(flagged.any())
 
 
-def gather_problems(problems: list[Problem]) -> list[Problem]:
+def gather_problems(problems: list[Problem], group: Any = None) -> list[Problem]:
     """Every rank's diagnosis merged, so every rank raises the same error (failure path only)."""
-    gathered: list[list[Problem] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, problems)
+    gathered: list[list[Problem] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, problems, group=group)
     # one line per parameter: the lowest rank's diagnosis wins (a rank diagnoses only what it
     # missed itself, so one that routed a branch out has no say on why the branch got nothing)
     by_param: dict[str, Problem] = {}
@@ -129,10 +131,12 @@ class RankAgreement:
     Under DDP and FSDP every rank holds the same parameters. Under expert parallelism a rank
     holds only its experts (``spread``): the flags are laid out over the union of names, what
     only one rank holds can fail there alone (so the ranks agree on whether to diagnose), and a
-    problem of such a parameter names its rank.
+    problem of such a parameter names its rank. ``group``: the ranks that hold these same
+    parameters or their experts (default: every rank).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
         self.layout: Layout | None = None  # every rank's names, gathered at the first distributed check
 
     def forget(self) -> None:
@@ -142,7 +146,7 @@ class RankAgreement:
     @property
     def spread(self) -> bool:
         """Ranks hold different parameters (expert parallelism), in a live process group."""
-        return self.layout is not None and not self.layout.uniform and is_distributed()
+        return self.layout is not None and not self.layout.uniform and is_distributed(self.group)
 
     def reduce(
         self, guard: Any, reached: set[int], missing: set[int], non_finite: bool
@@ -150,18 +154,18 @@ class RankAgreement:
         """:func:`reduce_flags` over ``guard.params`` (their names' layout gathered once), with what
         it fills in: ``(flagged here, non-finite anywhere, flagged anywhere, reached anywhere)``."""
         if self.layout is None:
-            self.layout = parameter_layout(guard.names)
+            self.layout = parameter_layout(guard.names, self.group)
         anywhere: set[int] = set()
         flagged, non_finite, elsewhere = reduce_flags(
-            guard.params, reached, missing, non_finite, anywhere, self.layout if self.spread else None
+            guard.params, reached, missing, non_finite, anywhere, self.layout if self.spread else None, self.group
         )
         return flagged, non_finite, elsewhere, anywhere
 
     def agree(self, trouble: bool) -> bool:
         """Whether some rank found trouble (every rank calls it; a collective only when ``spread``)."""
-        return any_rank(trouble) if self.spread else trouble
+        return any_rank(trouble, self.group) if self.spread else trouble
 
     def problems(self, problems: list[Problem]) -> list[Problem]:
         """Every rank's problems merged, each parameter only some ranks hold named with them."""
-        merged = gather_problems(problems)
+        merged = gather_problems(problems, self.group)
         return with_holders(merged, self.layout) if self.spread else merged

@@ -24,6 +24,7 @@ from .module import CompositeModuleBase
 from .packages import LIGHTNING_CLASSES
 from .strategies.expert_parallel import ExpertParallelStrategyBase
 from .strategies.fsdp2 import FSDP2StrategyBase
+from .strategies.pipeline import PipelineStrategyBase
 
 __all__ = list(LIGHTNING_CLASSES)  # each declared below
 
@@ -70,3 +71,7 @@ class FSDP2Strategy(FSDP2StrategyBase, L.strategies.ModelParallelStrategy):
 
 class ExpertParallelStrategy(ExpertParallelStrategyBase, L.strategies.DDPStrategy):
     """:class:`~composites.training.strategies.expert_parallel.ExpertParallelStrategyBase` as a ``lightning`` ``DDPStrategy``."""
+
+
+class PipelineStrategy(PipelineStrategyBase, L.strategies.DDPStrategy):
+    """:class:`~composites.training.strategies.pipeline.PipelineStrategyBase` as a ``lightning.pytorch`` ``DDPStrategy``."""

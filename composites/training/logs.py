@@ -22,6 +22,7 @@ NOISE = (  # (warning message regex, why it is noise)
     (r"The `srun` command is available on your system but is not used", "not a SLURM job: nothing to do"),
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated", "inside Lightning, not the user's code"),
     (r".*called with Trainer configured with multiple `ModelCheckpoint`", "the first one is the best by design"),
+    (r"Checkpoint directory .* exists and is not empty", "a resume writes on into its own run's folder"),
 )
 TIPS = ("💡 Tip:",)
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")

@@ -133,6 +133,10 @@ class CompositeModuleBase:
         ]
         # loss sums, logged once per epoch
         self.epoch_means = epoch_means(load_balancing=bool(self.gates), dropped=bool(self.capacity_gates))
+        # training losses of the optimizer step under way: they join the epoch mean once the step is
+        # taken, and not at all when the guard skips it (NaN/Inf gradients), so one bad step does not
+        # make the epoch's train/loss NaN
+        self.unstepped_losses: list[tuple[Tensor, int]] = []
 
     @property
     def guard_mode(self) -> str:
@@ -193,6 +197,7 @@ class CompositeModuleBase:
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.guard_callback.on_before_optimizer_step(self.trainer, self, optimizer)
+        self.count_unstepped_losses(keep=not self.guard_callback.step_skipped)
         if step_is_logged(self.trainer):  # the learning rates on the steps Lightning writes
             logs = {f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
             self.log_dict(logs, on_step=True, on_epoch=False)
@@ -204,24 +209,53 @@ class CompositeModuleBase:
         self.guard_callback.teardown(self._trainer, self, stage)
 
     # ---------------------------------------------------------------- steps
+    def _pipeline_step(self) -> Callable[..., tuple[Tensor, Any]] | None:
+        """The strategy's pipeline step under ``trainer=pipeline`` (the model is split over ranks), else None."""
+        return getattr(self._trainer.strategy, "pipeline_step", None) if self._trainer is not None else None
+
     def _step(self, batch: Any, stage: str, metrics: MetricCollection | None) -> Tensor:
         x, y = split_batch(batch)
-        out = self.model(x)
-        loss = self.loss_fn(out, y)
         n = len(y)
         log_step = stage == "train" and step_is_logged(self._trainer, epoch_end=True)
-        loss = routing_terms(self, loss, stage, n, log_step)
-        self.epoch_means[f"{stage}_loss"].update(loss, n)
+        pipeline_step = self._pipeline_step()
+        if pipeline_step is not None:  # forward and backward ran in the schedule; the output is on the last stage
+            loss, out = pipeline_step(x, y, train=stage == "train")  # a leaf: its backward hands the gradients over
+        else:
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+            loss = routing_terms(self, loss, stage, n, log_step)
+        if stage == "train":
+            self.unstepped_losses.append((loss.detach(), n))
+        else:
+            self.epoch_means[f"{stage}_loss"].update(loss, n)
         if log_step:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
-        if metrics is not None:
+        if metrics is not None and out is not None:
             metrics.update(out.detach(), y)
         return loss
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        clip = getattr(self._trainer.strategy, "clip_grad_norm_", None) if self._trainer is not None else None
+        algorithm = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm"  # an enum in Lightning
+        if clip is not None and gradient_clip_val and algorithm == "norm":
+            clip(float(gradient_clip_val))  # the norm over every stage of the pipeline, not this rank's alone
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # A fresh start each epoch (Lightning resets what it logged, but a sanity check or an
     # interrupted epoch may leave state); one self.log per value at the end.
+    def count_unstepped_losses(self, keep: bool = True) -> None:
+        """Add the training losses since the last optimizer step to the epoch mean (``keep``), or drop them."""
+        if keep:
+            for loss, n in self.unstepped_losses:
+                self.epoch_means["train_loss"].update(loss, n)
+        self.unstepped_losses = []
+
     def on_train_epoch_start(self) -> None:
         reset_epoch(self.epoch_means, "train", self.train_metrics)
+        self.unstepped_losses = []
 
     def on_validation_epoch_start(self) -> None:
         reset_epoch(self.epoch_means, "val", self.val_metrics)
@@ -230,6 +264,7 @@ class CompositeModuleBase:
         reset_epoch(self.epoch_means, "test", self.test_metrics)
 
     def on_train_epoch_end(self) -> None:
+        self.count_unstepped_losses()  # a step Lightning never took (an optimizer the user steps by hand)
         log_epoch(self, self.epoch_means, "train", self.train_metrics)
 
     def on_validation_epoch_end(self) -> None:
@@ -248,6 +283,11 @@ class CompositeModuleBase:
         return self._step(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        if self._pipeline_step() is not None:
+            raise NotImplementedError(
+                "predict under trainer=pipeline: this rank holds one stage of the model; load the checkpoint (it holds "
+                "every stage) into a single-process CompositeModule and predict with trainer=cpu (or gpu)"
+            )
         x = batch[0] if isinstance(batch, (tuple, list)) else batch  # (input, target) or input only
         return self.model(x)
 

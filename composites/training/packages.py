@@ -37,6 +37,7 @@ LIGHTNING_CLASSES = (
     "FreezeSubmodels",
     "FSDP2Strategy",
     "ExpertParallelStrategy",
+    "PipelineStrategy",
 )
 
 

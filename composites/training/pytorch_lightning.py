@@ -22,6 +22,7 @@ from .module import CompositeModuleBase
 from .packages import LIGHTNING_CLASSES
 from .strategies.expert_parallel import ExpertParallelStrategyBase
 from .strategies.fsdp2 import FSDP2StrategyBase
+from .strategies.pipeline import PipelineStrategyBase
 
 __all__ = list(LIGHTNING_CLASSES)  # each declared below
 
@@ -68,3 +69,7 @@ class FSDP2Strategy(FSDP2StrategyBase, pl.strategies.ModelParallelStrategy):
 
 class ExpertParallelStrategy(ExpertParallelStrategyBase, pl.strategies.DDPStrategy):
     """:class:`~composites.training.strategies.expert_parallel.ExpertParallelStrategyBase` as a ``pytorch_lightning`` ``DDPStrategy``."""
+
+
+class PipelineStrategy(PipelineStrategyBase, pl.strategies.DDPStrategy):
+    """:class:`~composites.training.strategies.pipeline.PipelineStrategyBase` as a ``pytorch_lightning`` ``DDPStrategy``."""

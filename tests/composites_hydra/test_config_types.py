@@ -41,7 +41,7 @@ def refusal(tmp_path, *overrides: str, composite: str = "sequential") -> str:
         ),
         (
             ["data.batch_size='64'"],
-            "data.batch_size='64': composites.presets.data.DigitsDataModule's batch_size wants int, "
+            "data.batch_size='64': composites.presets.DigitsDataModule's batch_size wants int, "
             "got the str '64' (write a number without quotes)",
         ),
         (

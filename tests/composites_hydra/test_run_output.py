@@ -33,7 +33,7 @@ def test_a_sweep_ends_with_one_table_and_each_run_fills_its_train_log_without_no
     assert "\r" not in out and "Tip:" not in out and "`srun`" not in out and "LeafSpec" not in out
     for job in ("0", "1"):
         log = (tmp_path / job / "train.log").read_text()
-        assert "`Trainer.fit` stopped" in log and "epoch 1/1  step 2" in log
+        assert "`Trainer.fit` stopped" in log and "Epoch 0/0  step 2" in log
     assert (tmp_path / "summary.csv").read_text().splitlines()[0] == "job,overrides,val/acc,test/acc,test/loss,status"
 
 

@@ -121,7 +121,7 @@ def test_a_batch_that_is_not_input_and_target_is_named():
     ],
 )
 def test_a_batch_size_or_worker_count_that_cannot_load_is_named_when_the_data_is_built(argument, message):
-    from composites.presets.data import DigitsDataModule
+    from composites.presets import DigitsDataModule
 
     with pytest.raises(ValueError) as info:
         DigitsDataModule(**argument)

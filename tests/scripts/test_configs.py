@@ -78,6 +78,15 @@ def test_trainer_presets(tmp_path, preset):
         assert type(built.strategy).__name__ == "DDPStrategy" and built.num_devices == 2
 
 
+def test_pipeline_preset_takes_split_microbatches_and_schedule(tmp_path):
+    overrides = ["+composite=sequential", "trainer=pipeline", "trainer.strategy.split=[[encoder],[head]]"]
+    trainer = compose_train(tmp_path, [*overrides, "trainer.strategy.schedule=gpipe"]).trainer
+    built = build_node(trainer, logger=False)  # nothing is launched before fit
+    strategy = built.strategy
+    assert type(strategy).__name__ == "PipelineStrategy" and built.num_devices == 2
+    assert (strategy.split, strategy.n_microbatches, strategy.schedule) == ([["encoder"], ["head"]], 4, "gpipe")
+
+
 @pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
 def test_optimizer_presets_are_partials(tmp_path, name, cls):
     factory = build_node(compose_train(tmp_path, [f"optimizer={name}"]).optimizer)

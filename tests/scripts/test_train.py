@@ -93,11 +93,11 @@ def test_the_command_line(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     # off a terminal: no progress-bar flood, one line per epoch, Lightning's log in train.log, none of its noise
     said = out + err
-    assert "\r" not in said and "epoch 1/1  step 3  " in said
+    assert "\r" not in said and "Epoch 0/0  step 3  " in said
     noise = ("Tip:", "`srun`", "LeafSpec", "multiple `ModelCheckpoint`")
     assert [n for n in noise if n in said] == []
     log = (run_dir / "train.log").read_text()
-    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in log and "epoch 1/1  step 3  " in log
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in log and "Epoch 0/0  step 3  " in log
 
     p, out, err = results["missing"]
     assert p.returncode == 1

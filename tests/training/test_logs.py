@@ -76,7 +76,7 @@ def test_off_a_terminal_the_bar_is_off_and_each_epoch_is_one_log_line(caplog):
     t.fit(module(), loader(), loader())
     assert not t.progress_bar_callback.is_enabled
     lines = [r.getMessage() for r in caplog.records if r.name == "composites"]
-    assert [line.split("  ")[:2] for line in lines] == [["epoch 1/2", "step 2"], ["epoch 2/2", "step 4"]]
+    assert [line.split("  ")[:2] for line in lines] == [["Epoch 0/1", "step 2"], ["Epoch 1/1", "step 4"]]
     assert [k.split()[0] for k in lines[1].split("  ")[2:]] == ["train/loss", "val/loss"]
 
 
@@ -99,3 +99,32 @@ def test_logger_tensorboard_works_out_of_the_box(tmp_path):
         module(), loader()
     )
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("interactive", [False, True])
+def test_the_log_file_gets_every_epoch_line_before_lightnings_closing_line(tmp_path, lightning_loggers, interactive):
+    root = logging.getLogger()
+    file = logging.FileHandler(tmp_path / "train.log")
+    screen = logging.StreamHandler(open(tmp_path / "screen.txt", "w"))  # what a terminal would show
+    root.addHandler(file)
+    root.addHandler(screen)
+    level, root.level = root.level, logging.INFO
+    try:
+        route_lightning_logs()
+        progress = TerminalProgress(interactive=interactive)
+        trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, callbacks=[progress])
+        trainer.fit(module(), loader(), loader())
+    finally:
+        for handler in (file, screen):
+            root.removeHandler(handler)
+            handler.close()
+        root.level = level
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    said = [line.split("  ")[:2] for line in lines if line.startswith("Epoch")]
+    assert said == [["Epoch 0/1", "step 2"], ["Epoch 1/1", "step 4"]]
+    closing = lines.index("`Trainer.fit` stopped: `max_epochs=2` reached.")
+    assert closing == len(lines) - 1  # after the last epoch's line
+    shown = (tmp_path / "screen.txt").read_text()
+    # on a terminal the bar shows the epochs: the lines go to the file only
+    assert ("Epoch 1/1  step 4" in shown) is not interactive
+    assert "`Trainer.fit` stopped" in shown

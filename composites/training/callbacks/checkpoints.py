@@ -148,6 +148,6 @@ class StepCheckpointBase:
         stepped = trainer.global_step != self._step_at_start  # else mid-accumulation: same on every rank
         if trainer.is_last_batch or trainer.sanity_checking or not stepped or not self._due(trainer):
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole state: a resume needs it
         self._saved_step = trainer.global_step
         self._saved_at = time.monotonic()

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ...guard import STARVED_AFTER, GradientFlowError, GradientGuard, GuardReport
 from ..epoch_logging import step_is_logged
 from ..packages import check_same_package, spans_processes
-from .non_finite import NonFinitePolicy, refuse_non_finite_checkpoint
+from .non_finite import NonFinitePolicy, NonFiniteStepsError, refuse_non_finite_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -90,6 +90,7 @@ class GradientGuardCallbackBase:
         if self.may_skip:
             self.options["may_skip"] = self.may_skip
         self.policy = NonFinitePolicy(non_finite, non_finite_patience)
+        self.step_skipped = False  # whether the policy skipped the optimizer step under way (NaN/Inf gradients)
         self.log_grad_norms = log_grad_norms
         self.attribute = attribute
         self.guard: GradientGuard | None = None
@@ -109,6 +110,14 @@ class GradientGuardCallbackBase:
     def build_guard(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, trainer: Any) -> GradientGuard:
         """The guard for ``model`` (after any sharding: FSDP2 hands it the sharded model)."""
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        strategy = getattr(trainer, "strategy", None)
+        pipeline = getattr(strategy, "pipeline", None)
+        if pipeline is not None:  # trainer=pipeline: this rank's stage, one verdict over the pipeline
+            from ...parallelism.pipeline_guard import PipelineGuard
+
+            return PipelineGuard(
+                pipeline, optimizer, replica_group=strategy.replica_group, scaler=scaler, **self.options
+            )
         return GradientGuard(model, optimizer, scaler=scaler, **self.options)
 
     def attach(self, pl_module: nn.Module, optimizer: torch.optim.Optimizer | None, trainer: Any = None) -> None:
@@ -118,6 +127,7 @@ class GradientGuardCallbackBase:
         self._warned = set()
         self.policy.skipped = 0
         self.policy.in_a_row = 0
+        self.step_skipped = False
         if self.mode != "off":
             self.guard = self.build_guard(self.guarded_model(pl_module), optimizer, trainer)
             self.attached = True
@@ -181,7 +191,15 @@ class GradientGuardCallbackBase:
                 {f"grad_norm/{name}": norm for name, norm in norms.items()}, on_step=True, on_epoch=False
             )
         params = (p for group in optimizer.param_groups for p in group["params"])  # walked only for a skipped step
-        self.policy.after_check(self.report.problems, params, trainer.global_step if trainer is not None else 0)
+        step = trainer.global_step if trainer is not None else 0
+        try:
+            self.step_skipped = self.policy.after_check(self.report.problems, params, step)
+        except NonFiniteStepsError:
+            # training stops here, before Lightning writes this step's logs: the count goes to the loggers now
+            for logger in getattr(trainer, "loggers", []):
+                logger.log_metrics({"guard/skipped_steps": float(self.policy.skipped)}, step=step)
+                logger.save()
+            raise
         if logged and self.policy.skipped:
             pl_module.log("guard/skipped_steps", float(self.policy.skipped), on_step=True, on_epoch=False)
 

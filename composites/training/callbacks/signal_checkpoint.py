@@ -185,7 +185,7 @@ class SignalCheckpointBase:
         if trainer.world_size > 1:  # the signal rank zero got (SLURM signals every task)
             name = trainer.strategy.broadcast(name, src=0) or name
         name = name or "SIGTERM"
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole state: a resume needs it
         if trainer.is_global_zero:
             hint = self.resume_hint or f"trainer.fit(..., ckpt_path='{self.path}')"
             print(

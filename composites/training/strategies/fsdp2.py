@@ -7,6 +7,7 @@ The strategies are ``composites.training.FSDP2Strategy`` (``pytorch_lightning``)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -72,6 +73,9 @@ class FSDP2StrategyBase:
         self.reshard_after_forward = reshard_after_forward
 
     def setup_environment(self) -> None:
+        # A sharded checkpoint folder (last.ckpt every epoch) is rewritten on purpose: torch's warning on
+        # each save that it overwrites one says nothing the run did not choose.
+        warnings.filterwarnings("ignore", message=r"Detected an existing checkpoint in .*, overwriting since")
         if self._data_parallel_size == "auto" and self._tensor_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
             self._tensor_parallel_size = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -49,6 +50,10 @@ def prepare_strategy(strategy: object, model: nn.Module, guard_on: bool, may_ski
     if not (_routed(model) or may_skip) or kwargs.get("find_unused_parameters"):
         return None
     kwargs["find_unused_parameters"] = True
+    # chosen knowingly: a step where every rank ran every branch is expected, not a misconfiguration
+    warnings.filterwarnings(
+        "ignore", message=r"find_unused_parameters=True was specified in DDP constructor, but did not"
+    )
     if not _routed(model):
         return (
             f"DDP: find_unused_parameters=True, because may_skip {list(may_skip)} can leave parameters unused on a rank"

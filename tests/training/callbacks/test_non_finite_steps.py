@@ -9,6 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,11 +32,12 @@ def module(guard) -> CompositeModule:
     return CompositeModule(model, nn.CrossEntropyLoss(), partial(torch.optim.Adam, lr=1e-2), guard=guard)
 
 
-def fit(m: CompositeModule, loader: DataLoader, tmp_path=None, callbacks=()) -> pl.Trainer:
+def fit(m: CompositeModule, loader: DataLoader, tmp_path=None, callbacks=(), logger=False) -> pl.Trainer:
     checkpoint = [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)] if tmp_path else []
     t = pl.Trainer(
         max_epochs=1,
-        logger=False,
+        logger=logger,
+        log_every_n_steps=1,
         enable_checkpointing=bool(tmp_path),
         callbacks=[*checkpoint, *callbacks],
         enable_progress_bar=False,
@@ -59,6 +61,20 @@ def test_warn_skips_a_nan_step_counts_it_and_keeps_training_with_finite_weights(
     assert finite(m)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert all(bool(torch.isfinite(v).all()) for v in saved.values() if v.is_floating_point())
+
+
+def test_the_epochs_train_loss_leaves_the_skipped_step_out(tmp_path):
+    m = module("warn")
+    losses = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    t = fit(m, data(nan_batches={1}), callbacks=[Watch()])
+    assert m.guard_callback.policy.skipped == 1 and losses[1] != losses[1]  # batch 1's loss is NaN
+    kept = [losses[0], losses[2], losses[3]]  # equal batch sizes: the mean of the three stepped batches
+    assert float(t.callback_metrics["train/loss_epoch"]) == pytest.approx(sum(kept) / 3, rel=1e-6)
 
 
 def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were():
@@ -87,6 +103,16 @@ def test_k_non_finite_steps_in_a_row_stop_training_with_the_weights_still_finite
         fit(m, data(nan_batches={1, 2, 3}))
     assert info.value.in_a_row == 2 and {p.cause for p in info.value.problems} == {"non_finite"}
     assert finite(m) and callback.policy.skipped == 2
+
+
+def test_a_run_stopped_by_non_finite_steps_logs_how_many_it_skipped(tmp_path):
+    callback = GradientGuardCallback("warn", non_finite_patience=2)
+    logger = CSVLogger(tmp_path, name="", version="")
+    with pytest.raises(NonFiniteStepsError):
+        fit(module(callback), data(nan_batches={1, 2, 3}), logger=logger)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("guard/skipped_steps")
+    assert [row.split(",")[column] for row in rows[1:] if row.split(",")[column]] == ["1.0", "2.0"]
 
 
 def test_raise_stops_at_the_first_nan_step_as_before():

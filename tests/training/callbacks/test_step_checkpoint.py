@@ -1,9 +1,17 @@
-"""StepCheckpoint's cadence: under DDP the time-based save is agreed by a collective only on logged steps."""
+"""StepCheckpoint: under DDP the time-based save is agreed by a collective only on logged steps; saves say nothing."""
 
 from __future__ import annotations
 
+import logging
+from functools import partial
 from types import SimpleNamespace
 
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from composites import CompositeModule, Sequential
 from composites.training import StepCheckpoint
 
 
@@ -21,7 +29,8 @@ class Ranks:
         self.agreements.append(self.global_step)
         return decision
 
-    def save_checkpoint(self, path) -> None:
+    def save_checkpoint(self, path, weights_only=None) -> None:
+        assert weights_only is False  # the whole state, said explicitly: Lightning logs a line per save otherwise
         self.saves.append(self.global_step)
 
 
@@ -34,3 +43,23 @@ def test_under_ddp_the_time_cadence_costs_a_collective_only_on_logged_steps(tmp_
         callback.on_train_batch_end(trainer, None, None, None, 0)
     assert trainer.agreements == [5, 10]
     assert trainer.saves == [5, 10]
+
+
+def test_a_save_every_step_logs_nothing(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    model = Sequential({"encoder": nn.Linear(4, 4), "head": nn.Linear(4, 3)})
+    module = CompositeModule(model, nn.CrossEntropyLoss(), partial(torch.optim.SGD, lr=0.1))
+    data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=4)
+    callback = StepCheckpoint(tmp_path, every_n_steps=1)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+    assert (tmp_path / "last.ckpt").is_file()
+    assert [r.getMessage() for r in caplog.records if "weights_only" in r.getMessage()] == []
