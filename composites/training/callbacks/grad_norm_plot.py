@@ -110,5 +110,8 @@ class GradNormPlotBase:
         self._save(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # a Ctrl-C (also one that came while the plot was drawn) asks to stop now, not to draw
+        if isinstance(exception, KeyboardInterrupt) or getattr(exception, "code", None) == 130:
+            return
         if self.history or self.problem_steps:
             self._save(trainer)

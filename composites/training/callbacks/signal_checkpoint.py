@@ -18,7 +18,8 @@
   zero runs ``scontrol requeue $SLURM_JOB_ID`` after the save: the requeued job resumes with
   ``ckpt_path=auto``. Lightning's own SLURM auto-requeue is turned off for the run
   (``SLURMEnvironment.auto_requeue = False``): its handler saves from inside the signal handler.
-- A second Ctrl-C stops at once, without a checkpoint. Configured as ``callbacks.signal_checkpoint``.
+- A second Ctrl-C stops at once (exit 130), without saving the step under way, and says which checkpoint is the
+  newest on disk. Configured as ``callbacks.signal_checkpoint``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,25 @@ def submitit_signal() -> str | None:
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
         return None
     return "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").removeprefix("SIG")
+
+
+class StoppedAtOnce(SystemExit):
+    """A second Ctrl-C: training stopped at once, without saving the step under way; exit status 130.
+
+    Attributes:
+        checkpoint: the newest checkpoint on disk (what a resume starts from), or ``None``.
+
+    Example:
+        >>> StoppedAtOnce(None).code
+        130
+    """
+
+    def __init__(self, checkpoint: Path | None):
+        super().__init__(128 + int(signal.SIGINT))
+        self.checkpoint = checkpoint
+
+    def __reduce__(self):
+        return type(self), (self.checkpoint,)
 
 
 class TrainingInterrupted(SystemExit):
@@ -125,9 +145,9 @@ class SignalCheckpointBase:
     # ---------------------------------------------------------------- handlers: only a flag
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if name == "SIGINT" and self.received == "SIGINT":  # Ctrl-C twice: stop now
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
+        if name == "SIGINT" and self.received == "SIGINT":  # Ctrl-C twice: stop now, not at the step's end
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third one changes nothing while this unwinds
+            raise StoppedAtOnce(self.path if self.path.exists() else None)
         if self.received is None or name == self.requeue_signal:  # a requeue wins (submitit's preemption: TERM, USR2)
             self.received = name
 
@@ -168,6 +188,18 @@ class SignalCheckpointBase:
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
+        # Ctrl-C twice, or once when these handlers are no longer on (the end-of-fit plot): say what is on disk
+        if isinstance(exception, (StoppedAtOnce, KeyboardInterrupt)) and trainer.is_global_zero:
+            print(self._stopped_message(), flush=True)
+
+    def _stopped_message(self) -> str:
+        if not self.path.exists():
+            return "Ctrl-C: stopped at once; no checkpoint was saved yet"
+        hint = self.resume_hint or f"trainer.fit(..., ckpt_path='{self.path}')"
+        return (
+            f"Ctrl-C: stopped at once, without saving the step under way; the newest checkpoint is "
+            f"{self.path}\nresume with: {hint}"
+        )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()
