@@ -71,6 +71,7 @@ ORDER = (
     "routing",
     "lightning",
     "fsdp",
+    "pipeline",
     "compile",
     "gpu",
 )  # the reading order of the table

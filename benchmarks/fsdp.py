@@ -40,7 +40,7 @@ def _rank(rank: int, world: int, port: int, size: str, rounds: int, block: int, 
     from torch.distributed.device_mesh import init_device_mesh
 
     from composites import GradientGuard
-    from composites.training.sharding import shard_composite
+    from composites.training.strategies.sharding import shard_composite
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from benchmarks import Row, Settings, Timings, compared, now
 from composites import CompositeModule, Sequential
-from composites.presets.data import DigitsDataModule
+from composites.presets import DigitsDataModule
 from composites.presets.models import MLP, ConvEncoder
 
 TARGET = 1.10

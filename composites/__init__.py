@@ -1,25 +1,16 @@
 """composites: build models out of other models and train them without silent gradient bugs.
 
-The subpackages, one concern each: ``modules`` (Sequential, Parallel, Conditional and routing),
-``guard`` (the gradient guard), ``training`` (Lightning), ``views`` (tables and pictures),
-``presets`` (the example models and data the configs use).
+The front door: the composites, the gradient guard and its report, ``CompositeModule`` and
+``GradientGuardCallback`` (the ``pytorch_lightning`` classes, imported on first use so that
+``import composites`` stays light). The rest comes from its subpackage, one concern each:
+``composites.modules`` (composites and routing), ``composites.guard``, ``composites.training``
+(Lightning: callbacks, strategies; ``composites.training.lightning`` for the unified ``lightning``
+package), ``composites.views`` (tables and pictures), ``composites.presets`` (the example models
+and data the configs use).
 """
 
-from .guard import CAUSES, GradientFlowError, GradientGuard, GuardReport, Problem, submodel_grad_norms
-from .lazy import lazy_getattr
+from .guard import CAUSES, GradientFlowError, GradientGuard, GuardReport, Problem
 from .modules import Conditional, Parallel, Sequential, StageError
-from .views import FlowNode, check_gradient_flow, format_flow, gradient_flow
-
-# Lightning and matplotlib are heavy to import: these load on first use, so the composites and
-# the guard stay quick to import (spawned DDP workers, scripts, tests).
-_LAZY = {
-    "CompositeModule": "training.module",
-    "DigitsDataModule": "presets.data",
-    "draw_flow_tree": "views.tree_plot",
-    "GradNormPlot": "training.grad_norm_callback",
-    "GradientGuardCallback": "training.guard_callback",
-    "plot_grad_norms": "views.grad_norm_plot",
-}
 
 __all__ = [
     "Sequential",
@@ -31,12 +22,14 @@ __all__ = [
     "GuardReport",
     "Problem",
     "CAUSES",
-    "FlowNode",
-    "check_gradient_flow",
-    "format_flow",
-    "gradient_flow",
-    "submodel_grad_norms",
-    *_LAZY,
+    "CompositeModule",
+    "GradientGuardCallback",
 ]
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+
+def __getattr__(name: str):
+    if name in ("CompositeModule", "GradientGuardCallback"):  # Lightning is slow to import: only when asked for
+        from .training import pytorch_lightning
+
+        return getattr(pytorch_lightning, name)
+    raise AttributeError(f"module '{__name__}' has no attribute '{name}'")

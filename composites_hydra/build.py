@@ -11,22 +11,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from composites.training import using_lightning
+from composites.training.packages import trainer_package
 
-from .checks import check_built, check_config, function_target_error
-from .lightning_package import trainer_package
+from .checks import check_built, check_config, check_targets, function_target_error
+from .errors import ConfigError, NoCompositeError
+from .run_settings import metric_direction
 from .runs import keep_earlier_csv_logs, refuse_to_overwrite
 from .schema import TrainConfig
+from .targets import for_package
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A composed config that cannot run; the scripts print the message and exit non-zero."""
-
-
-class NoCompositeError(ConfigError):
-    """No ``+composite=NAME`` was given; the message lists the choices."""
 
 
 def available_composites() -> list[str]:
@@ -81,27 +75,28 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if cfg.monitor_mode is None:  # a loss is best low, anything else (accuracy, F1) high
-        cfg.monitor_mode = "min" if "loss" in cfg.monitor else "max"
+        cfg.monitor_mode = metric_direction(cfg.monitor) or "max"
     # Resolve once, enums as plain strings ("raise", "max"), so objects get ordinary values.
     conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    check_targets(conf)  # every value against its target's signature, before anything is built
     if conf["logger"] and cfg.ckpt_path is not None:
         keep_earlier_csv_logs(conf["logger"])
-    # composites' own Lightning classes for the Trainer's package; Lightning's come from configs that
-    # name them ${lightning:...} (composites_hydra/lightning_package.py)
-    with using_lightning(package):
-        datamodule = build_node(conf["data"])
-        try:
-            model = build_node(conf["model"])
-        except InstantiationException as error:
-            raise (function_target_error(error) or error) from error
-        compile_model(model, conf["compile"])
-        scheduler = build_node(conf["scheduler"]) if conf["scheduler"] else None
-        optimizer = build_node(conf["optimizer"])
-        module = build_node(conf["module"], model=model, optimizer=optimizer, scheduler=scheduler)
-        check_built(cfg, module)
-        callbacks = [build_node(c) for c in conf["callbacks"].values() if c]
-        logger = build_node(conf["logger"]) if conf["logger"] else False
-        trainer = build_node(conf["trainer"], callbacks=callbacks, logger=logger)
+    # composites' own Lightning classes of the Trainer's package; Lightning's own come from configs that
+    # name them ${lightning:...} (composites_hydra/targets.py)
+    built = for_package(conf, package)
+    datamodule = build_node(built["data"])
+    try:
+        model = build_node(built["model"])
+    except InstantiationException as error:
+        raise (function_target_error(error) or error) from error
+    compile_model(model, built["compile"])
+    scheduler = build_node(built["scheduler"]) if built["scheduler"] else None
+    optimizer = build_node(built["optimizer"])
+    module = build_node(built["module"], model=model, optimizer=optimizer, scheduler=scheduler)
+    check_built(cfg, module)
+    callbacks = [build_node(c) for c in built["callbacks"].values() if c]
+    logger = build_node(built["logger"]) if built["logger"] else False
+    trainer = build_node(built["trainer"], callbacks=callbacks, logger=logger)
     if trainer.logger is not None:
         trainer.logger.log_hyperparams({"config": conf})  # the whole run, next to the metrics
     return datamodule, module, trainer

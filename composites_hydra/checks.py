@@ -7,19 +7,17 @@ clear messages are left as they are.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-def _error(message: str) -> Exception:
-    from .build import ConfigError
-
-    return ConfigError(message)
+from .errors import ConfigError
+from .locate import is_target_node
+from .run_settings import check_run_settings
+from .signatures import iter_problems
 
 
 def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
@@ -28,31 +26,23 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     >>> check_config(OmegaConf.create({"trainer": {"accumulate_grad_batches": 0}, "scheduler": None}))
     Traceback (most recent call last):
     ...
-    composites_hydra.build.ConfigError: trainer.accumulate_grad_batches=0: it must be a positive integer (1: no accumulation)
+    composites_hydra.errors.ConfigError: trainer.accumulate_grad_batches=0: it must be a positive integer (1: no accumulation)
     """
     accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
     if isinstance(accumulate, int) and accumulate < 1:
-        raise _error(
+        raise ConfigError(
             f"trainer.accumulate_grad_batches={accumulate}: it must be a positive integer (1: no accumulation)"
         )
     scheduler = OmegaConf.select(cfg, "scheduler")
     if isinstance(scheduler, str):
-        raise _error(
+        raise ConfigError(
             f"scheduler={scheduler}: a scheduler is a config node with a _target_, not a name, e.g. "
             f"scheduler='{{_target_: torch.optim.lr_scheduler.{scheduler}, _partial_: true, T_max: 10}}'"
         )
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if isinstance(lr, (int, float)) and lr == 0:
         warnings.warn("optimizer.lr=0: the optimizer will not change any weight", stacklevel=2)
-    trainer = OmegaConf.select(cfg, "trainer") or {}
-    devices, cores = trainer.get("devices"), os.cpu_count() or 1
-    if "ddp" in str(trainer.get("strategy", "")) and trainer.get("accelerator") == "cpu":
-        if isinstance(devices, int) and devices > cores:
-            warnings.warn(
-                f"trainer.devices={devices} CPU processes on {cores} cores: they share the cores and run slower than "
-                f"{cores}; use trainer.devices<={cores}",
-                stacklevel=2,
-            )
+    check_run_settings(cfg)
     for override in overrides:
         key, _, value = override.partition("=")
         if value.strip() == "{}" and not key.startswith(("+", "~")):
@@ -63,6 +53,81 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
                     f"({', '.join(map(str, node))}); drop one entry with ~{key}.<name>",
                     stacklevel=2,
                 )
+
+
+def check_targets(conf: Mapping[str, Any]) -> None:
+    """Every ``_target_`` node of a resolved config against its target's signature, before anything is built.
+
+    Keys that are not arguments, missing required arguments, values of the wrong type,
+    ``_target_`` names that do not import, a missing ``_target_``, and an optimizer or
+    scheduler without ``_partial_: true``: all named at once, each with its key.
+
+    >>> check_targets({"optimizer": {"_target_": "torch.optim.Adam", "lr": "0.001"}})
+    Traceback (most recent call last):
+    ...
+    composites_hydra.errors.ConfigError: 2 config values do not fit:
+      optimizer: add _partial_: true (optimizer._partial_=true): CompositeModule calls torch.optim.Adam with the parameter groups it builds; without it Hydra calls it now, without them
+      optimizer.lr='0.001': torch.optim.Adam's lr wants float | Tensor, got the str '0.001' (write a number without quotes)
+    """
+    problems = []
+    nodes: dict[str, tuple[Any, tuple[str, ...]]] = {}
+    for key in ("data", "model", "optimizer", "module", "trainer"):
+        if key in conf:
+            node = conf[key]
+            if not is_target_node(node):
+                problems.append(
+                    f"{key}: no _target_ (got {_described(node)}): this node builds an object, so it names its class, "
+                    f"e.g. {key}._target_={_EXAMPLE_TARGETS[key]}"
+                )
+                continue
+            nodes[key] = (node, _PASSED.get(key, ()))
+    scheduler = conf.get("scheduler")
+    if isinstance(scheduler, Mapping) and not is_target_node(scheduler):  # Lightning's {scheduler: ..., interval: ...}
+        if not is_target_node(scheduler.get("scheduler")):
+            problems.append(
+                "scheduler: a mapping without _target_ must hold the scheduler node under 'scheduler' "
+                "(Lightning's {scheduler: ..., interval: step}), e.g. "
+                "scheduler='{scheduler: {_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 10}}'"
+            )
+        else:
+            nodes["scheduler.scheduler"] = (scheduler["scheduler"], ())
+    elif scheduler is not None:
+        nodes["scheduler"] = (scheduler, ())
+    for name, callback in (conf.get("callbacks") or {}).items():
+        if callback and not is_target_node(callback):
+            problems.append(f"callbacks.{name}: no _target_: a callback node names its class (or is null to drop it)")
+        elif callback:
+            nodes[f"callbacks.{name}"] = (callback, ())
+    if conf.get("logger"):
+        nodes["logger"] = (conf["logger"], ())
+    for key in ("optimizer", "scheduler", "scheduler.scheduler"):
+        node = nodes.get(key, (None,))[0]
+        if is_target_node(node) and node.get("_partial_") is not True:
+            given = "the parameter groups" if key == "optimizer" else "the optimizer"
+            problems.append(
+                f"{key}: add _partial_: true ({key}._partial_=true): CompositeModule calls {node['_target_']} with "
+                f"{given} it builds; without it Hydra calls it now, without them"
+            )
+            nodes[key] = ({**node, "_partial_": True}, ())
+    problems += iter_problems(nodes)
+    if problems:
+        count = f"{len(problems)} config values do not fit" if len(problems) > 1 else "a config value does not fit"
+        raise ConfigError(f"{count}:\n  " + "\n  ".join(problems))
+
+
+def _described(node: Any) -> str:
+    return f"a mapping with keys {', '.join(map(str, node))}" if isinstance(node, Mapping) else repr(node)
+
+
+# What build() passes to each node itself, and a class to name when a node has no _target_.
+_PASSED = {"module": ("model", "optimizer", "scheduler"), "trainer": ("callbacks", "logger")}
+_EXAMPLE_TARGETS = {
+    "data": "composites.presets.data.DigitsDataModule",
+    "model": "composites.Sequential",
+    "optimizer": "torch.optim.Adam",
+    "module": "composites.CompositeModule",
+    "trainer": "pytorch_lightning.Trainer",
+}
 
 
 def function_target_error(error: Exception, node: str = "model") -> Exception | None:
@@ -81,7 +146,7 @@ def function_target_error(error: Exception, node: str = "model") -> Exception | 
     if isinstance(obj, type):
         return None
     where = f"{node}.{key.group(1)}" if key else node
-    return _error(
+    return ConfigError(
         f"{where}._target_={target.group(1)} is a function, not a module class: a stage or branch must be an "
         "nn.Module. Use a module class (torch.nn.ReLU for torch.nn.functional.relu) or wrap the function in one"
     )
@@ -108,7 +173,7 @@ def check_built(cfg: DictConfig, module: Any) -> None:
     names = logged_names(module)
     monitor = cfg.monitor
     if names is not None and monitor not in names and not monitor.startswith(("lr/", "grad_norm/")):
-        raise _error(
+        raise ConfigError(
             f"monitor={monitor}: the module logs no such metric (it logs {', '.join(sorted(names))}); set monitor= "
             "one of them, or add the metric under module.metrics.metrics"
         )
@@ -116,7 +181,7 @@ def check_built(cfg: DictConfig, module: Any) -> None:
     for name, metric in _metrics(module):
         classes = getattr(metric, "num_classes", None)
         if width is not None and isinstance(classes, int) and classes != width:
-            raise _error(
+            raise ConfigError(
                 f"module.metrics: {name} has num_classes={classes} but the model's last layer gives {width} "
                 f"outputs; set num_classes: {width} (or the head's out_features to {classes})"
             )

@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from composites.training import quiet_lightning, route_lightning_logs
+from composites.training.logs import quiet_lightning, route_lightning_logs
 
 log = logging.getLogger(__name__)
 RECORDS = ".summary"

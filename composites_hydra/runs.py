@@ -10,6 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
+from .errors import ConfigError
+
 
 def keep_earlier_csv_logs(logger: dict[str, Any]) -> None:
     """A resumed run that logs CSV where its first run did gets a fresh version folder.
@@ -85,8 +87,6 @@ def refuse_to_overwrite(run_dir: str | Path, ckpt_path: str | None, config_subdi
         files.append(f"{config_subdir}/config.yaml")
     if not files:
         return
-    from .build import ConfigError
-
     shown = ", ".join(files[:4]) + (f" (+{len(files) - 4} more)" if len(files) > 4 else "")
     raise ConfigError(
         f"the run directory {run_dir} already holds a run ({shown}); nothing was changed.\n"
@@ -131,8 +131,6 @@ class KeepEarlierRuns(Callback):
             run_dir = Path(str(config.hydra.run.dir))
         except Exception:  # an interpolation Hydra resolves later: nothing to compare yet
             return
-        from .build import ConfigError
-
         try:
             refuse_to_overwrite(run_dir, config.get("ckpt_path"), None if subdir is None else str(subdir))
         except ConfigError as error:

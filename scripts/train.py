@@ -15,7 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from composites.training import SignalCheckpoint, quiet_lightning, route_lightning_logs
+from composites.training.callbacks.signal_checkpoint import SignalCheckpointBase
+from composites.training.logs import quiet_lightning, route_lightning_logs
 from composites.views import text_table
 from composites_hydra import ConfigError, build, register_configs, resume_command, resume_path
 
@@ -38,7 +39,7 @@ def train(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     for callback in trainer.callbacks:  # a signal's message names the command that resumes this run
-        if isinstance(callback, SignalCheckpoint) and callback.resume_hint is None:
+        if isinstance(callback, SignalCheckpointBase) and callback.resume_hint is None:  # either package's
             callback.resume_hint = resume_command(cfg.paths.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.ckpt_path, trainer.default_root_dir))
     checkpoint = trainer.checkpoint_callback

@@ -57,6 +57,23 @@ def seeded_batches(count: int, *shape: int) -> list[Tensor]:
     return [torch.randn(*shape, generator=torch.Generator().manual_seed(i)) for i in range(count)]
 
 
+class CompileSpy:
+    """A ``torch.compile`` backend that notes Inductor's ``fallback_random`` as each graph reaches it, then runs the graph eagerly.
+
+    What Inductor would compile there, it would compile under that setting, without the minutes
+    Inductor takes for a real model on a CPU.
+    """
+
+    def __init__(self) -> None:
+        self.fallback_random: list[bool] = []
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        from torch._inductor import config
+
+        self.fallback_random.append(config.fallback_random)
+        return graph.forward
+
+
 def check_png(path: Path, min_width: int = 900, min_height: int = 300) -> None:
     """``path`` is a real picture: a PNG over 10 kB, RGB(A), between the given size and 4000 px a side."""
     from matplotlib.image import imread  # here, so the stand-ins import without matplotlib

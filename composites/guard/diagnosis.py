@@ -108,7 +108,17 @@ def _explain_one(trace, owner, pid, routers, reach, label, no_grad_only) -> tupl
         return "detached", f"inside {label(owner, True)}.forward: its output does not depend on this parameter"
     cuts = [c for c in reach.calls(pid, "inputs") if pid not in reach(c, "outputs")]
     if cuts:
-        cut = max(cuts, key=lambda c: (c.depth, c.start))  # the innermost call that dropped it
+        # the innermost call that dropped it, by a cut if one read it: one that never read it did not cut it
+        readers = [c for c in cuts if pid in reach.graph.reachable(c.read)]
+        cut = max(readers or cuts, key=lambda c: (c.depth, c.start))
+        if not readers:
+            made = [c for c in reaching if c.end < cut.start]
+            source = (
+                f"{label(max(made, key=lambda c: c.end).path)} returned an output that depends on it, but "
+                if made
+                else ""
+            )
+            return "not_in_loss", f"{source}{label(cut.path)}, which received it, never read it in this forward"
         if not cut.grad:
             return "no_grad", f"{label(cut.path)} ran under torch.no_grad() on a tensor that needed its gradient"
         return (

@@ -115,7 +115,9 @@ class StateCapture:
 
     def _allocate(self, now: list[Tensor | None]) -> None:
         """Storage for the copies, made again only when a buffer was replaced (``.to()``, a lazy module, reassignment)."""
-        self._sources, self._targets, self._copies = now, [], {}
+        self._sources = now
+        self._targets = []
+        self._copies = {}
         for (_, _, name), buffer in zip(self._slots, now):
             if buffer is not None:
                 copy = torch.empty_like(buffer, memory_format=torch.contiguous_format)

@@ -13,14 +13,13 @@ from torch.nn.parameter import is_lazy
 from .diagnosis import diagnose
 from .forward_state import StateCapture
 from .hooks import Arrived, record_calls, uncompiled
-from .inactive import InactiveParameters
+from .inactive import STARVED_AFTER, InactiveParameters
 from .optimizer_coverage import OptimizerCoverage
 from .overflow import FiniteCheck
 from .problems import GradientFlowError, GuardReport, Problem
 from .sharded import ShardedArrivals
-from .starvation import STARVED_AFTER
 from .step import RecordedCall, StepRecord
-from .structure import grouped_grad_norms, submodel_names, unregistered_tensors
+from .structure import grouped_grad_norms, require_module, submodel_names, unregistered_tensors
 from .sync import gather_problems, is_distributed, reduce_flags
 
 
@@ -42,7 +41,9 @@ class GradientGuard:
     Args:
         model: any ``nn.Module``; composites add branch names and routing knowledge. A
             ``torch.compile``-d model (or one compiled after the guard was built) is checked
-            the same way, its parameters named as in the eager model.
+            the same way, its parameters named as in the eager model; the graphs compiled
+            during its calls draw random numbers as eager code does (Inductor's
+            ``fallback_random``), so the replay takes the path the compiled forward took.
         optimizer: when given, trainable parameters it does not hold are reported
             (``not_in_optimizer``); also settable later with :meth:`set_optimizer`.
         check_finite: also report NaN/Inf gradients (``non_finite``); a failing check names
@@ -59,6 +60,10 @@ class GradientGuard:
         starved_after: checks in a row without a gradient that make an inactive branch or
             may-skip parameter ``starved`` (``None``: off). The default, 200, gives no false
             alarm for 8 experts top-1 ((7/8)**200 = 2.6e-12) or LayerDrop 0.1 (0.1**200).
+        group: under torch.distributed, the process group of the ranks that hold these same
+            parameters (data-parallel copies, whose gradients are reduced): a parameter is fine
+            when one of them reached it. Default: every rank. A pipeline stage's guard gives
+            its stage's data-parallel group (see ``composites.parallelism.pipeline_guard``).
 
     Example:
         >>> import torch
@@ -91,9 +96,12 @@ class GradientGuard:
         overflow_patience: int = 20,
         may_skip: Sequence[str] = (),
         starved_after: int | None = STARVED_AFTER,
+        group: Any = None,
     ):
-        self.model = model = uncompiled(model)  # a compiled model: its eager module, named and replayed as such
-        self.check_finite, self._finite = check_finite, FiniteCheck(scaler, overflow_patience)
+        self.group = group
+        self.model = model = uncompiled(require_module(model))  # a compiled model: its eager module, named as such
+        self.check_finite = check_finite
+        self._finite = FiniteCheck(scaler, overflow_patience)
         self._inactive = InactiveParameters(may_skip, starved_after)
         self._reached: set[int] = set()
         # grad-enabled calls kept until the next check, for a replay: the model's own, else (a loop
@@ -111,7 +119,8 @@ class GradientGuard:
         self.refresh_parameters()  # a may_skip pattern that matches nothing raises here, before any hook is placed
         self._handles = record_calls(self, model)
         self._inactive.drain()  # a forward made before the guard existed is not this step's
-        self._unregistered, self._scanned_after_forward = unregistered_tensors(self.model), False
+        self._unregistered = unregistered_tensors(self.model)
+        self._scanned_after_forward = False
 
     def refresh_parameters(self) -> None:
         """Read the parameters again (names, sub-models, branches, may-skip matches) and hook them anew.
@@ -137,7 +146,8 @@ class GradientGuard:
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Check from now on that every trainable parameter is in ``optimizer``."""
-        self.optimizer, self._coverage = optimizer, OptimizerCoverage(optimizer)
+        self.optimizer = optimizer
+        self._coverage = OptimizerCoverage(optimizer)
 
     def remove(self) -> None:
         """Remove the guard's hooks from the model."""
@@ -185,7 +195,8 @@ class GradientGuard:
         if not self._scanned_after_forward and (
             self._root_calls or self._calls
         ):  # catches tensors set lazily in the first forward
-            self._unregistered, self._scanned_after_forward = unregistered_tensors(self.model), True
+            self._unregistered = unregistered_tensors(self.model)
+            self._scanned_after_forward = True
         trainable = {i for i, p in enumerate(self.params) if p.requires_grad}
         inactive, countable = self._inactive.drain()
         inactive &= trainable
@@ -195,11 +206,13 @@ class GradientGuard:
         missing = trainable - self._reached - inactive - unhooked
         not_in_opt = self._coverage.missing(self.params)
         non_finite, overflow = self._finite(self.params, loss) if self.check_finite else (False, False)
-        distributed = is_distributed()
+        distributed = is_distributed(self.group)
         explain, reached = missing, self._reached
         if distributed:  # one collective: a parameter is fine when any rank reached it
             reached = set()
-            flagged, non_finite = reduce_flags(self.params, self._reached, missing, non_finite, anywhere=reached)
+            flagged, non_finite = reduce_flags(
+                self.params, self._reached, missing, non_finite, anywhere=reached, group=self.group
+            )
             # a rank explains only what it missed itself: where it was routed out, another rank has the cause
             missing, explain = flagged, flagged & missing
         starved = self._inactive.starved(countable & trainable, reached, inactive - missing)
@@ -220,7 +233,7 @@ class GradientGuard:
             explained = diagnose if self._sharded is None else self._sharded.diagnose
             problems = explained(step, explain, non_finite, not_in_opt, starved)
             if distributed:
-                problems = gather_problems(problems)
+                problems = gather_problems(problems, self.group)
         shown = inactive - self._reached
         report = GuardReport(
             checked=len(trainable),
@@ -246,3 +259,18 @@ class GradientGuard:
         if self._sharded is not None:  # whole parameters, not this rank's shard (a collective: every rank calls it)
             return self._sharded.grad_norms(self.names, self.params, self.submodels)
         return grouped_grad_norms(zip(self.names, self.params), self.submodels)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the guard's hooks are on the model (:meth:`remove` takes them off)."""
+        return bool(self._handles or self._param_handles)
+
+    @property
+    def reached(self) -> list[str]:
+        """Names of the parameters a backward reached since the last check (each check starts afresh)."""
+        return [self.names[i] for i in sorted(self._reached)]
+
+    @property
+    def recorded_calls(self) -> list[RecordedCall]:
+        """The forward calls kept for a replay until the next check: the model's own, else its children's."""
+        return list(self._root_calls or self._calls)

@@ -19,6 +19,11 @@ class OptimizerCoverage:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer | None = None):
+        if optimizer is not None and not hasattr(optimizer, "param_groups"):
+            raise TypeError(
+                f"GradientGuard(optimizer=...) needs the built optimizer that holds the parameters (its param_groups), "
+                f"got {type(optimizer).__name__}: build it first, e.g. torch.optim.Adam(model.parameters())"
+            )
         self.optimizer = optimizer
         self._key: tuple[int, int] | None = None
         self._missing: list[int] = []

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .dtensors import local
 from .finite import any_non_finite
-from .sharded import local
 
 
 class FiniteCheck:
@@ -28,7 +28,9 @@ class FiniteCheck:
     """
 
     def __init__(self, scaler: Any = None, patience: int = 20):
-        self.scaler, self.patience, self.overflows = scaler, patience, 0
+        self.scaler = scaler
+        self.patience = patience
+        self.overflows = 0
 
     def __call__(self, params: Sequence[nn.Parameter], loss: Tensor | None) -> tuple[bool, bool]:
         """(a NaN/Inf gradient to report, an overflow step let through); one fused pass, one host read."""

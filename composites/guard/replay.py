@@ -33,19 +33,29 @@ class Call:
     # how a parameter whose module never runs (nn.ParameterList, a weight used functionally by
     # its parent) is seen being used (detached? under no_grad?) rather than unused
     used: dict[int, bool] = field(default_factory=dict)
+    # the inputs a torch op read while it ran (its own code or a call inside), as graph ends: an
+    # input never read was not cut off (detach, no_grad), the forward did not use it (a decoder
+    # whose layers LayerDrop all skipped never reads the encoder's output)
+    read: list[Any] = field(default_factory=list)
+    unread: dict[int, Any] = field(default_factory=dict, repr=False)  # id(input tensor) -> its end, until read
 
     @property
     def depth(self) -> int:
         return 0 if self.parent is None else self.parent.depth + 1
 
 
-def _ends(value: Any) -> Iterable[Any]:
-    """Where each tensor in a (nested) value hangs in the graph."""
+def _ended(value: Any) -> Iterable[tuple[Tensor, Any]]:
+    """Each tensor in a (nested) value that hangs in the graph, with where: its node, or itself (a leaf)."""
     for tensor in tensors_in(value, max_depth=3):
         if tensor.grad_fn is not None:
-            yield tensor.grad_fn
+            yield tensor, tensor.grad_fn
         elif tensor.requires_grad:
-            yield tensor
+            yield tensor, tensor
+
+
+def _ends(value: Any) -> Iterable[Any]:
+    """Where each tensor in a (nested) value hangs in the graph."""
+    return (end for _, end in _ended(value))
 
 
 # what reads a tensor's values without returning a tensor (metadata such as .shape is no use)
@@ -64,7 +74,8 @@ def _holds_tensor(result: Any) -> bool:
 
 
 class _Uses(TorchFunctionMode):
-    """Records, on the innermost running call, each leaf tensor needing grad that a torch op reads."""
+    """Records, on the innermost running call, each leaf tensor needing grad that a torch op reads,
+    and, on every running call, which of its inputs were read (metadata such as ``.shape`` is no read)."""
 
     def __init__(self, stack: list[Call]):
         super().__init__()
@@ -76,8 +87,14 @@ class _Uses(TorchFunctionMode):
             used, grad = self.stack[-1].used, torch.is_grad_enabled()
             for value in (*args, *(kwargs or {}).values()):
                 for t in value if isinstance(value, (list, tuple)) else (value,):
-                    if isinstance(t, Tensor) and t.requires_grad and t.grad_fn is None:
+                    if not (isinstance(t, Tensor) and t.requires_grad):
+                        continue
+                    if t.grad_fn is None:
                         used[id(t)] = used.get(id(t), False) or grad
+                    for call in self.stack:
+                        end = call.unread.pop(id(t), None)
+                        if end is not None:
+                            call.read.append(end)
         return result
 
 
@@ -101,14 +118,16 @@ def replay(model: nn.Module, calls: Iterable[RecordedCall | tuple[nn.Module, tup
         call = Call(
             names.get(id(module), "?"), module, stack[-1] if stack else None, next(clock), torch.is_grad_enabled()
         )
-        call.inputs = list(_ends((args, kwargs)))
+        ended = list(_ended((args, kwargs)))
+        call.inputs = [end for _, end in ended]
+        call.unread = {id(tensor): end for tensor, end in ended}  # alive while it runs: the caller holds them
         trace.append(call)
         stack.append(call)
 
     def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if stack and stack[-1].module is module:
             call = stack.pop()
-            call.outputs, call.end = list(_ends(output)), next(clock)
+            call.outputs, call.end, call.unread = list(_ends(output)), next(clock), {}
 
     handles = []
     for module in model.modules():

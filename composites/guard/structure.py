@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..modules import Conditional, Parallel, Sequential, enclosing, join_name
+from .dtensors import is_sharded, whole_grad_norms
 from .finite import stored
-from .sharded import is_sharded, whole_grad_norms
 
 COMPOSITES = (Sequential, Parallel, Conditional)
 _MODULE_STATE = frozenset(vars(nn.Module()))
@@ -140,3 +141,19 @@ def submodel_grad_norms(model: nn.Module) -> dict[str, float]:
     """
     named = list(model.named_parameters())
     return grouped_grad_norms(named, submodel_names(model, [n for n, _ in named]))
+
+
+def require_module(model: Any) -> nn.Module:
+    """``model`` itself when it is an ``nn.Module``; else a ``TypeError`` naming what it is.
+
+    >>> require_module(nn.Linear)
+    Traceback (most recent call last):
+    ...
+    TypeError: GradientGuard(model=...) needs the nn.Module being trained, got type (the class itself: pass Linear(...), an instance)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"GradientGuard(model=...) needs the nn.Module being trained, got {type(model).__name__}"
+            + (f" (the class itself: pass {model.__name__}(...), an instance)" if isinstance(model, type) else "")
+        )
+    return model

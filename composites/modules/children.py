@@ -29,6 +29,7 @@ def named_modules_from(
     if not items:
         raise ValueError(f"{what} is empty: give at least one sub-model")
     for name, module in items:
+        refuse_class(module, f"{what} entry '{name}'")
         if not isinstance(module, nn.Module):
             hint = (
                 ": a function is not a sub-model; use a module class (torch.nn.ReLU, not torch.nn.functional.relu) "
@@ -38,6 +39,32 @@ def named_modules_from(
             )
             raise TypeError(f"{what} entry '{name}' is a {type(module).__name__}, not an nn.Module{hint}")
     return items
+
+
+def refuse_class(value: Any, what: str) -> None:
+    """Refuse a class where an object is wanted (``nn.Linear`` for ``nn.Linear(4, 2)``): called, it would build one.
+
+    >>> refuse_class(nn.Identity, "combine")
+    Traceback (most recent call last):
+    ...
+    TypeError: combine is the class Identity, not an object of it: pass Identity(...), an instance
+    """
+    if isinstance(value, type):
+        raise TypeError(
+            f"{what} is the class {value.__name__}, not an object of it: pass {value.__name__}(...), an instance"
+        )
+
+
+def require_bool(value: Any, what: str) -> None:
+    """Refuse anything but ``True``/``False`` for a switch (``"yes"`` or ``"false"`` would count as on).
+
+    >>> require_bool("false", "streams")
+    Traceback (most recent call last):
+    ...
+    TypeError: streams='false' must be True or False, got a str
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{what}={value!r} must be True or False, got a {type(value).__name__}")
 
 
 def register_children(
@@ -114,11 +141,15 @@ def describe(value: Any) -> str:
 
 
 class StageError(RuntimeError):
-    """A stage of a :class:`Sequential` (or a branch of a :class:`Parallel`) raised.
+    """A stage of a :class:`Sequential`, a branch, or a :class:`Parallel`'s own combine raised.
 
     The message names it and what it received. ``stage`` is the dotted path of the failing
-    sub-model (each enclosing composite extends it), ``role`` says ``"stage"`` or ``"branch"``,
-    ``received`` the shapes it was given, ``cause`` the original exception.
+    sub-model (each enclosing composite extends it), ``role`` says ``"stage"``, ``"branch"`` or
+    ``"combine"`` (then ``stage`` is the path of the Parallel whose combine raised), ``received``
+    the shapes it was given, ``cause`` the original exception. ``producer`` is set when the input
+    came from a user's combine of the Parallel at that path, the likelier culprit: the message
+    names it, and ``expects`` says what the failing stage takes (``"16 features on the last
+    dimension"``) when that can be read from its first layer.
 
     Example:
         >>> from composites import Sequential
@@ -130,26 +161,76 @@ class StageError(RuntimeError):
         head stage Tensor[2, 8]
     """
 
-    def __init__(self, stage: str, module: str, received: str, cause: BaseException, role: str = "stage"):
-        self.stage, self.module, self.received, self.cause, self.role = stage, module, received, cause, role
+    def __init__(
+        self,
+        stage: str,
+        module: str,
+        received: str,
+        cause: BaseException,
+        role: str = "stage",
+        producer: str | None = None,
+        expects: str = "",
+    ):
+        self.stage = stage
+        self.module = module
+        self.received = received
+        self.cause = cause
+        self.role = role
+        self.producer = producer
+        self.expects = expects
         self.failing: nn.Module | None = None  # the sub-model that raised (not pickled)
-        super().__init__(f"{role} '{stage}' ({module}) failed on input {received}: {type(cause).__name__}: {cause}")
+        self.producing: nn.Module | None = None  # the Parallel whose combine made the input (not pickled)
+        if role == "combine":
+            where = f"combine of '{stage}'" if stage else "combine of the Parallel"
+            text = f"{where} ({module}) failed on the branch outputs {received}"
+        elif producer is not None:
+            takes = f", but '{stage}' takes {expects}" if expects else ""
+            text = (
+                f"combine of '{producer}' returned {received}{takes}: check that combine. "
+                f"{role} '{stage}' ({module}) failed on it"
+            )
+        else:
+            text = f"{role} '{stage}' ({module}) failed on input {received}"
+        super().__init__(f"{text}: {type(cause).__name__}: {cause}")
 
     def __reduce__(self):  # pickle (multiprocessing, DDP spawn) rebuilds it from all its fields
-        return type(self), (self.stage, self.module, self.received, self.cause, self.role)
+        fields = (self.stage, self.module, self.received, self.cause, self.role, self.producer, self.expects)
+        return type(self), fields
 
     @classmethod
     def wrap(cls, name: str, child: nn.Module, received: str, error: Exception, role: str = "stage") -> StageError:
         if isinstance(error, StageError):  # nested: keep the innermost failure, under its full path
             # found by identity, so plain modules in between (a user's block holding a
             # composite) and branches picked by a router appear in the path as well
-            inner = next((path for path, m in child.named_modules() if m is error.failing and path), error.stage)
-            wrapped = cls(f"{name}.{inner}", error.module, error.received, error.cause, error.role)
-            wrapped.failing = error.failing
+            inner = _path_in(child, error.failing, error.stage)
+            producer = (
+                None if error.producer is None else _joined(name, _path_in(child, error.producing, error.producer))
+            )
+            wrapped = cls(
+                _joined(name, inner), error.module, error.received, error.cause, error.role, producer, error.expects
+            )
+            wrapped.failing, wrapped.producing = error.failing, error.producing
             return wrapped
         wrapped = cls(name, type(child).__name__, received, error, role)
         wrapped.failing = child
         return wrapped
+
+    def blaming(self, producer: str, producing: nn.Module, expects: str) -> StageError:
+        """The same failure, with its input blamed on the combine of the Parallel at ``producer``."""
+        blamed = type(self)(self.stage, self.module, self.received, self.cause, self.role, producer, expects)
+        blamed.failing, blamed.producing = self.failing, producing
+        return blamed
+
+
+def _joined(name: str, inner: str) -> str:
+    return f"{name}.{inner}" if inner else name
+
+
+def _path_in(owner: nn.Module, module: nn.Module | None, fallback: str) -> str:
+    """The path of ``module`` inside ``owner`` (``""``: ``owner`` itself), else ``fallback``."""
+    if module is owner:
+        return ""
+    return next((path for path, m in owner.named_modules() if m is module and path), fallback)
 
 
 def run_child(name: str, child: nn.Module, args: tuple, kwargs: dict, role: str = "stage") -> Any:

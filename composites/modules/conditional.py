@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .children import named_modules_from, register_children, run_child
+from .children import named_modules_from, refuse_class, register_children, run_child
 from .routing import dispatch_top_k, dispatch_with_capacity, load_balancing_loss
 
 Router = Callable[..., "str | Tensor"]
@@ -83,13 +83,16 @@ class Conditional(nn.Module):
         )
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(self.branch_names):
             raise ValueError(f"top_k={top_k} must be between 1 and the number of branches ({len(self.branch_names)})")
+        refuse_class(router, "Conditional router")
         if router is not None and not callable(router):
             raise TypeError(f"router must be callable (a function or nn.Module) or None, got {type(router).__name__}")
         self._route_fn = None if isinstance(router, nn.Module) else router
         if isinstance(router, nn.Module):
             self.router = router
         if capacity_factor is not None and not (
-            isinstance(capacity_factor, (int, float)) and 0 < capacity_factor < math.inf
+            isinstance(capacity_factor, (int, float))
+            and not isinstance(capacity_factor, bool)
+            and 0 < capacity_factor < math.inf
         ):
             raise ValueError(
                 f"capacity_factor={capacity_factor} must be a positive finite number ({len(self.branch_names) / top_k:g} never drops), or None"

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .children import StageError, describe, named_modules_from, register_children, run_child
+from .children import StageError, describe, named_modules_from, refuse_class, register_children, require_bool, run_child
 from .streams import cuda_device_of, run_on_streams
 
 COMBINES = ("concat", "sum", "mean", "stack", "dict")
@@ -63,6 +63,8 @@ class Parallel(nn.Module):
             "branch",
             reserved=("branch_names", "combiner", "mode", "_combine_fn", "streams"),
         )
+        refuse_class(combine, "Parallel combine")
+        require_bool(streams, "Parallel streams")
         if isinstance(combine, str) and combine not in COMBINES:
             raise ValueError(
                 f"unknown combine '{combine}': choose one of {', '.join(COMBINES)}, or pass a module/callable"
@@ -90,7 +92,7 @@ class Parallel(nn.Module):
                 name: partial(run_child, name, self._modules[name], *call, role="branch")
                 for name, call in calls.items()
             }
-            return self.combine(run_on_streams(jobs, (args, kwargs), device))
+            return self._combined(run_on_streams(jobs, (args, kwargs), device))
         if torch.compiler.is_compiling():  # no try/except in traced code
             return self.combine({name: self._modules[name](*call[0], **call[1]) for name, call in calls.items()})
         try:
@@ -103,7 +105,27 @@ class Parallel(nn.Module):
                     "after the keys to give each its own entry."
                 )
             raise
-        return self.combine(outputs)
+        return self._combined(outputs)
+
+    def _combined(self, outputs: dict[str, Any]) -> Any:
+        """:meth:`combine`; a user's combine that raises is named as the culprit (a StageError of role ``combine``)."""
+        if not self.custom_combine:
+            return self.combine(outputs)
+        try:
+            return self.combine(outputs)
+        except Exception as error:
+            failed = StageError("", f"Parallel, combine={self.combine_name}", describe(outputs), error, role="combine")
+            failed.failing = self
+            raise failed from error
+
+    @property
+    def custom_combine(self) -> bool:
+        """Whether the user's code merges the branch outputs: a module, a callable, or an overridden :meth:`combine`.
+
+        >>> Parallel({"a": nn.Identity()}).custom_combine, Parallel({"a": nn.Identity()}, combine=sum).custom_combine
+        (False, True)
+        """
+        return self.mode in ("module", "callable") or type(self).combine is not Parallel.combine
 
     def _per_branch_inputs(self, args: tuple, kwargs: dict) -> Mapping[str, Any] | None:
         if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):

@@ -35,8 +35,12 @@ class PretrainedKeysError(ValueError):
         hint: str,
         headline: str = "",
     ):
-        self.path, self.missing, self.unexpected, self.mismatched = path, missing, unexpected, mismatched
-        self.hint, self.headline = hint, headline
+        self.path = path
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+        self.hint = hint
+        self.headline = headline
         lines = [headline or f"the weights in {path} do not fit the sub-model:"]
         if missing:
             lines.append(f"  {len(missing)} missing (the sub-model has them, the checkpoint not): {_listed(missing)}")

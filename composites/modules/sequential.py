@@ -9,7 +9,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .children import StageError, describe, named_modules_from, register_children, run_child
+from .children import StageError, describe, named_modules_from, refuse_class, register_children, run_child
+from .parallel import Parallel
 
 Pick = Union[str, int, Callable[[Any], Any]]  # noqa: UP007 (a runtime alias: Python 3.10 has no `str | Callable[...]` here)
 
@@ -83,6 +84,28 @@ def _keyword_hint(error: StageError, stage: str, previous: str) -> StageError:
     return hinted
 
 
+def _combine_blame(error: StageError, producer: str, parallel: nn.Module, stage: nn.Module, args: tuple) -> StageError:
+    """A stage that failed on exactly what a user's combine returned: name the combine, and what the stage takes."""
+    if len(args) != 1 or error.received != describe(args[0]):
+        return error  # it failed on something else, made inside the stage
+    return error.blaming(producer, parallel, expected_input(stage))
+
+
+def expected_input(module: nn.Module) -> str:
+    """What a module's first layer takes, when it says (``in_features``, ``in_channels``); else ``""``.
+
+    >>> expected_input(nn.Sequential(nn.Linear(16, 3), nn.ReLU())), expected_input(nn.Conv2d(3, 8, 1)), expected_input(nn.ReLU())
+    ('16 features on the last dimension (Linear)', '3 channels on dimension 1 (Conv2d)', '')
+    """
+    for layer in module.modules():
+        features, channels = getattr(layer, "in_features", None), getattr(layer, "in_channels", None)
+        if isinstance(features, int):
+            return f"{features} features on the last dimension ({type(layer).__name__})"
+        if isinstance(channels, int):
+            return f"{channels} channels on dimension 1 ({type(layer).__name__})"
+    return ""
+
+
 def describe_output(value: Any) -> str:
     kind = type(value).__name__
     shapes = describe(value)
@@ -146,6 +169,7 @@ class Sequential(nn.Module):
                 f"its stages are {', '.join(map(repr, self.stage_names))}"
             )
         for name, pick in picks.items():
+            refuse_class(pick, f"outputs['{name}']")
             if isinstance(pick, nn.Module) or not (isinstance(pick, (str, int)) or callable(pick)):
                 raise TypeError(
                     f"outputs['{name}'] must be a field name (str), an index (int) or a function of the output, "
@@ -162,15 +186,22 @@ class Sequential(nn.Module):
         value = None
         picks = self.stage_outputs
         previous = None  # the stage whose mapping output is being passed on by keyword
+        combined = None  # the stage before, when it is a Parallel whose combine is the user's
         for name in self.stage_names:
-            if previous is None or torch.compiler.is_compiling():
+            if (previous is None and combined is None) or torch.compiler.is_compiling():
                 value = run_child(name, self._modules[name], args, kwargs)
             else:
                 try:
                     value = run_child(name, self._modules[name], args, kwargs)
                 except StageError as error:
-                    raise _keyword_hint(error, name, previous) from error.cause
+                    if previous is not None:
+                        raise _keyword_hint(error, name, previous) from error.cause
+                    raise _combine_blame(
+                        error, combined, self._modules[combined], self._modules[name], args
+                    ) from error.cause
             previous = name if name not in picks and isinstance(value, Mapping) else None
+            stage = self._modules[name]
+            combined = name if name not in picks and isinstance(stage, Parallel) and stage.custom_combine else None
             if name in picks:
                 value = pick_output(name, value, picks[name])
                 args, kwargs = (value,), {}

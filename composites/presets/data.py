@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..training import Flavoured, ResumableLoader
+from ..training.packages import check_same_package
+from ..training.resumable_loader import ResumableLoader
 
 KINDS = ("image", "flat")
 INPUTS = (*KINDS, "views")
@@ -19,7 +20,10 @@ class _Digits(Dataset):
     """Samples ``(input, target)``; the input is a tensor, or a dict of views for a ``Parallel``."""
 
     def __init__(self, images: Tensor, targets: Tensor, inputs: str, views: Mapping[str, str]):
-        self.images, self.targets, self.inputs, self.views = images, targets, inputs, dict(views)
+        self.images = images
+        self.targets = targets
+        self.inputs = inputs
+        self.views = dict(views)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -33,7 +37,7 @@ class _Digits(Dataset):
         return self._view(self.inputs, i), self.targets[i]
 
 
-class DigitsDataModule(Flavoured):
+class DigitsDataModuleBase:
     """scikit-learn's 1,797 handwritten 8x8 digits, split, standardised and batched.
 
     The split is stratified and fixed by ``seed``; pixels are standardised with the mean and
@@ -53,7 +57,11 @@ class DigitsDataModule(Flavoured):
         num_classes: keep the digits ``0 .. num_classes - 1`` (2 to 10); the configs size the
             model's head and the metrics from it (``${data.num_classes}``).
 
+    The ``LightningDataModule`` is ``composites.presets.DigitsDataModule`` (``pytorch_lightning``) or
+    ``composites.training.lightning.DigitsDataModule``.
+
     Example:
+        >>> from composites.presets import DigitsDataModule
         >>> dm = DigitsDataModule(inputs="views", batch_size=4)
         >>> dm.setup("fit")
         >>> x, y = next(iter(dm.train_dataloader()))
@@ -62,8 +70,6 @@ class DigitsDataModule(Flavoured):
         >>> len(dm.train_set), len(dm.val_set), len(dm.test_set)
         (1257, 270, 270)
     """
-
-    lightning_base = "LightningDataModule"  # a LightningDataModule of the Lightning the program imported
 
     def __init__(
         self,
@@ -92,11 +98,34 @@ class DigitsDataModule(Flavoured):
                 f"val_fraction={val_fraction} and test_fraction={test_fraction} must each be above 0 and sum "
                 "below 1 (data.val_fraction / data.test_fraction): both splits need samples, and so does training"
             )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive int (data.batch_size)")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(
+                f"num_workers={num_workers!r} must be an int >= 0 (data.num_workers; 0: load in this process)"
+            )
         self.save_hyperparameters()
-        self.inputs, self.views, self.batch_size, self.num_workers = inputs, views, batch_size, num_workers
-        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.inputs = inputs
+        self.views = views
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
         self.num_classes = num_classes
         self.train_set: _Digits | None = None
+
+    @property
+    def trainer(self) -> Any:
+        """The Trainer this data module is attached to (``None`` before ``fit``/``test``)."""
+        return self.__dict__.get("_attached_trainer")
+
+    @trainer.setter
+    def trainer(self, trainer: Any) -> None:
+        # The Trainer sets this before it first uses the data module: a Trainer of the other Lightning
+        # package is named here, before Lightning's own check fails with "Expected a parent"
+        check_same_package(self, trainer)
+        self.__dict__["_attached_trainer"] = trainer
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:  # every stage uses the same split; build it once
@@ -123,9 +152,9 @@ class DigitsDataModule(Flavoured):
             ) from error
         mean, std = images[train].mean(), images[train].std()
         images = (images - mean) / std
-        self.train_set, self.val_set, self.test_set = (
-            _Digits(images[ix], targets[ix], self.inputs, self.views) for ix in (train, val, test)
-        )
+        self.train_set = _Digits(images[train], targets[train], self.inputs, self.views)
+        self.val_set = _Digits(images[val], targets[val], self.inputs, self.views)
+        self.test_set = _Digits(images[test], targets[test], self.inputs, self.views)
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         # resumable: a mid-epoch checkpoint resumes on the same batches, in the same order

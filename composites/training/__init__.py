@@ -1,42 +1,46 @@
-"""The Lightning side: the module, its callbacks, optimizer groups, epoch logging, strategy set-up.
+"""The Lightning side: the module, its callbacks, strategies, optimizer groups, epoch logging.
 
-Importing this package imports no Lightning: each name loads on first use, so ``composites.X(...)``
-can build the class of the Lightning package the program imported (see :mod:`.flavours`).
-To add a name, add it to ``_LAZY`` (name -> module in this package).
+Rooms: ``module.py`` (``CompositeModuleBase`` and its helpers), ``callbacks/``, ``strategies/``,
+``logs.py`` (Lightning's logs), ``packages.py`` (the two Lightning packages). Each Lightning class is
+written once as a base class and declared per package in :mod:`.pytorch_lightning` and
+:mod:`.lightning`. ``composites.training.<Name>`` are the ``pytorch_lightning`` classes, imported
+on first use: importing this package imports no Lightning.
 """
 
-from ..lazy import lazy_getattr
-from .flavours import Flavoured, chosen_package, package_of, using_lightning
-from .guard_callback import GUARD_MODES, GradientGuardCallback, GuardMode
-from .non_finite import NonFiniteCheckpointError, NonFiniteStepsError
-
-_LAZY = {
-    "AtomicCheckpointIO": "checkpoints",
-    "StepCheckpoint": "checkpoints",
-    "SignalCheckpoint": "signals",
-    "TrainingInterrupted": "signals",
-    "CompositeModule": "module",
-    "ResumableLoader": "resumable_loader",
-    "ResumeState": "resume_state",
-    "GradNormPlot": "grad_norm_callback",
-    "FreezeSubmodels": "freeze",
-    "FSDP2Strategy": "fsdp2_strategy",
-    "TerminalProgress": "run_output",
-    "quiet_lightning": "run_output",
-    "route_lightning_logs": "run_output",
-}
+from .callbacks.gradient_guard import GUARD_MODES, GuardMode
+from .callbacks.non_finite import NonFiniteCheckpointError, NonFiniteStepsError
+from .logs import quiet_lightning, route_lightning_logs
+from .packages import LIGHTNING_CLASSES, lightning_api, package_of
+from .resumable_loader import ResumableLoader
 
 __all__ = [
+    *LIGHTNING_CLASSES,  # the pytorch_lightning classes (composites.training.lightning has the lightning ones)
+    "AtomicCheckpointIO",
+    "TrainingInterrupted",
     "GUARD_MODES",
     "GuardMode",
-    "GradientGuardCallback",
     "NonFiniteCheckpointError",
     "NonFiniteStepsError",
-    "chosen_package",
-    "Flavoured",
+    "ResumableLoader",
+    "lightning_api",
     "package_of",
-    "using_lightning",
-    *_LAZY,
+    "quiet_lightning",
+    "route_lightning_logs",
 ]
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+
+def __getattr__(name: str):
+    # Lightning is slow to import: the classes that need it load when first asked for
+    if name == "AtomicCheckpointIO":
+        from .callbacks.checkpoints import AtomicCheckpointIO
+
+        return AtomicCheckpointIO
+    if name == "TrainingInterrupted":
+        from .callbacks.signal_checkpoint import TrainingInterrupted
+
+        return TrainingInterrupted
+    if name in LIGHTNING_CLASSES:
+        from . import pytorch_lightning
+
+        return getattr(pytorch_lightning, name)
+    raise AttributeError(f"module '{__name__}' has no attribute '{name}'")

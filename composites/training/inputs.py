@@ -8,6 +8,23 @@ from typing import Any
 import torch
 
 
+def check_loss_and_balancing(loss: Any, load_balancing: Any) -> None:
+    """``loss`` must be a loss object or function (not a class), ``load_balancing`` a weight >= 0.
+
+    >>> check_loss_and_balancing(torch.nn.CrossEntropyLoss, 0.0)
+    Traceback (most recent call last):
+    ...
+    TypeError: CompositeModule(loss=...) got the class CrossEntropyLoss; pass an instance: CrossEntropyLoss()
+    """
+    if isinstance(loss, type):
+        raise TypeError(f"CompositeModule(loss=...) got the class {loss.__name__}; pass an instance: {loss.__name__}()")
+    if isinstance(load_balancing, bool) or not isinstance(load_balancing, (int, float)) or not load_balancing >= 0:
+        raise ValueError(
+            f"CompositeModule(load_balancing={load_balancing!r}) must be a number >= 0: it weighs the gates' "
+            "load-balancing loss (0 turns it off; a negative weight would push the routing to collapse)"
+        )
+
+
 def check_optimizer_factory(optimizer: Any) -> None:
     """``optimizer`` must be a partial taking the parameter groups, not an optimizer already built.
 

@@ -1,4 +1,8 @@
-"""CompositeModule: train any composite with Lightning, one optimizer, a gradient guard each backward."""
+"""CompositeModuleBase: train any composite with Lightning, one optimizer, a gradient guard each backward.
+
+The ``LightningModule`` classes are declared per package: ``composites.CompositeModule`` (``pytorch_lightning``)
+and ``composites.training.lightning.CompositeModule``.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,16 @@ from torchmetrics import Metric, MetricCollection
 
 from ..guard import GradientGuard, GuardReport
 from ..modules import Conditional
+from .callbacks.gradient_guard import GradientGuardCallbackBase, GuardMode
 from .epoch_logging import epoch_means, log_epoch, reset_epoch, stage_metrics, step_is_logged
-from .flavours import Flavoured, package_of, spans_processes, using_lightning
-from .guard_callback import GradientGuardCallback, GuardMode
-from .inputs import check_optimizer_factory, check_trainable, split_batch
+from .inputs import check_loss_and_balancing, check_optimizer_factory, check_trainable, split_batch
+from .packages import composites_classes, package_of, spans_processes
 from .param_groups import build_param_groups, plain
 from .routing_terms import routing_terms
 from .schedules import configure_schedule
 
 
-class CompositeModule(Flavoured):
+class CompositeModuleBase:
     """A ``LightningModule`` around any model (composite or not), guarded after every backward.
 
     Batches are ``(input, target)``; the input (a tensor, or a mapping such as the views a
@@ -36,8 +40,8 @@ class CompositeModule(Flavoured):
     - ``guard="warn"``: a rank-zero warning with the table, once per distinct set of problems;
     - ``guard="off"``: no hooks, no check, no gradient-norm logging.
 
-    ``composites.CompositeModule(...)`` is a LightningModule of the Lightning package the program
-    imported (``lightning`` or ``pytorch_lightning``; see :mod:`composites.training.flavours`).
+    This base class holds the behaviour; the ``LightningModule`` is ``composites.CompositeModule``
+    (``pytorch_lightning``) or ``composites.training.lightning.CompositeModule`` (``lightning``).
 
     It logs the sample-weighted mean loss and the metrics once per epoch (``train/loss_epoch``,
     ``val/loss``, ``test/loss``, ``train/acc``, ``val/acc``, ...; val/test over all DDP ranks),
@@ -61,9 +65,10 @@ class CompositeModule(Flavoured):
         metrics: a torchmetrics ``Metric`` or ``MetricCollection``, cloned per stage with the
             prefixes ``train/``, ``val/``, ``test/`` (a collection's keys name the metrics).
         param_groups: e.g. ``[{"prefix": "encoder", "lr": 1e-4}]``; see :func:`build_param_groups`.
-        guard: ``"raise"`` (default), ``"warn"`` or ``"off"``, or a :class:`GradientGuardCallback`
-            with more options (``may_skip``, the non-finite policy, ...); the module runs it through
-            its own hooks. Under ``warn`` a step with NaN/Inf gradients is skipped (the default
+        guard: ``"raise"`` (default), ``"warn"`` or ``"off"``; or a mapping of
+            :class:`GradientGuardCallback` arguments (``{"mode": "warn", "may_skip": ["experts.*"]}``,
+            what the config's ``module.guard`` node gives); or a ``GradientGuardCallback`` itself.
+            The module runs it through its own hooks. Under ``warn`` a step with NaN/Inf gradients is skipped (the default
             policy) and a checkpoint with NaN/Inf weights is never written.
         load_balancing: weight of the Switch-Transformer load-balancing loss of every
             score-routed :class:`Conditional`, added to the training loss so a learned gate
@@ -78,7 +83,7 @@ class CompositeModule(Flavoured):
         >>> from functools import partial
         >>> import torch
         >>> from torch import nn
-        >>> from composites import Sequential
+        >>> from composites import CompositeModule, Sequential
         >>> model = Sequential({"encoder": nn.Linear(4, 8), "head": nn.Linear(8, 3)})
         >>> module = CompositeModule(model, nn.CrossEntropyLoss(), partial(torch.optim.Adam, lr=1e-3),
         ...                          param_groups=[{"prefix": "encoder", "lr": 1e-4}])
@@ -89,9 +94,9 @@ class CompositeModule(Flavoured):
         >>> module.on_after_backward()  # what Lightning calls after each backward
         >>> module.report.ok, module.report.checked
         (True, 4)
+        >>> CompositeModule(model, nn.MSELoss(), torch.optim.SGD, guard={"mode": "warn", "may_skip": ["head.*"]}).guard_callback.may_skip
+        ['head.*']
     """
-
-    lightning_base = "LightningModule"
 
     def __init__(
         self,
@@ -101,24 +106,23 @@ class CompositeModule(Flavoured):
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         metrics: Metric | MetricCollection | None = None,
         param_groups: Sequence[Mapping[str, Any]] | None = None,
-        guard: str | GuardMode | GradientGuardCallback = "raise",
+        guard: str | GuardMode | Mapping[str, Any] | GradientGuardCallbackBase = "raise",
         load_balancing: float = 0.0,
     ):
         super().__init__()
         check_optimizer_factory(optimizer)
-        if isinstance(guard, GradientGuardCallback):
-            callback = guard
-        else:
-            with using_lightning(package_of(self)):  # self is always a concrete class; the callback follows its package
-                callback = GradientGuardCallback(guard)
+        check_loss_and_balancing(loss, load_balancing)
+        callback = guard_callback(guard, package_of(self))
         param_groups = plain(param_groups) if param_groups is not None else None
         # Only plain values go into hparams: checkpoints are read with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["model", "loss", "optimizer", "scheduler", "metrics", "guard"])
         self.hparams["guard"] = callback.mode
         self.model = model
         self.loss_fn = loss
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.param_groups, self.guard_callback = param_groups, callback
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.param_groups = param_groups
+        self.guard_callback = callback
         self.load_balancing = load_balancing
         self.gates = [m for m in model.modules() if isinstance(m, Conditional)] if load_balancing else []
         self.train_metrics = stage_metrics(metrics, "train")
@@ -129,6 +133,10 @@ class CompositeModule(Flavoured):
         ]
         # loss sums, logged once per epoch
         self.epoch_means = epoch_means(load_balancing=bool(self.gates), dropped=bool(self.capacity_gates))
+        # training losses of the optimizer step under way: they join the epoch mean once the step is
+        # taken, and not at all when the guard skips it (NaN/Inf gradients), so one bad step does not
+        # make the epoch's train/loss NaN
+        self.unstepped_losses: list[tuple[Tensor, int]] = []
 
     @property
     def guard_mode(self) -> str:
@@ -163,7 +171,7 @@ class CompositeModule(Flavoured):
         # FSDP2 (trainer=fsdp): one unit per sub-model, then the root; the guard is built after, on the shards
         if self._trainer is None or not spans_processes(self._trainer.strategy):  # load_from_checkpoint calls it too
             return
-        from .strategy import configure_sharding
+        from .strategies.prepare import configure_sharding
 
         chosen = configure_sharding(self.trainer.strategy, self.model, self.guard_callback.may_skip)
         if chosen:
@@ -189,6 +197,7 @@ class CompositeModule(Flavoured):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.guard_callback.on_before_optimizer_step(self.trainer, self, optimizer)
+        self.count_unstepped_losses(keep=not self.guard_callback.step_skipped)
         if step_is_logged(self.trainer):  # the learning rates on the steps Lightning writes
             logs = {f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
             self.log_dict(logs, on_step=True, on_epoch=False)
@@ -200,24 +209,53 @@ class CompositeModule(Flavoured):
         self.guard_callback.teardown(self._trainer, self, stage)
 
     # ---------------------------------------------------------------- steps
+    def _pipeline_step(self) -> Callable[..., tuple[Tensor, Any]] | None:
+        """The strategy's pipeline step under ``trainer=pipeline`` (the model is split over ranks), else None."""
+        return getattr(self._trainer.strategy, "pipeline_step", None) if self._trainer is not None else None
+
     def _step(self, batch: Any, stage: str, metrics: MetricCollection | None) -> Tensor:
         x, y = split_batch(batch)
-        out = self.model(x)
-        loss = self.loss_fn(out, y)
         n = len(y)
         log_step = stage == "train" and step_is_logged(self._trainer, epoch_end=True)
-        loss = routing_terms(self, loss, stage, n, log_step)
-        self.epoch_means[f"{stage}_loss"].update(loss, n)
+        pipeline_step = self._pipeline_step()
+        if pipeline_step is not None:  # forward and backward ran in the schedule; the output is on the last stage
+            loss, out = pipeline_step(x, y, train=stage == "train")  # a leaf: its backward hands the gradients over
+        else:
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+            loss = routing_terms(self, loss, stage, n, log_step)
+        if stage == "train":
+            self.unstepped_losses.append((loss.detach(), n))
+        else:
+            self.epoch_means[f"{stage}_loss"].update(loss, n)
         if log_step:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
-        if metrics is not None:
+        if metrics is not None and out is not None:
             metrics.update(out.detach(), y)
         return loss
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        clip = getattr(self._trainer.strategy, "clip_grad_norm_", None) if self._trainer is not None else None
+        algorithm = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm"  # an enum in Lightning
+        if clip is not None and gradient_clip_val and algorithm == "norm":
+            clip(float(gradient_clip_val))  # the norm over every stage of the pipeline, not this rank's alone
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # A fresh start each epoch (Lightning resets what it logged, but a sanity check or an
     # interrupted epoch may leave state); one self.log per value at the end.
+    def count_unstepped_losses(self, keep: bool = True) -> None:
+        """Add the training losses since the last optimizer step to the epoch mean (``keep``), or drop them."""
+        if keep:
+            for loss, n in self.unstepped_losses:
+                self.epoch_means["train_loss"].update(loss, n)
+        self.unstepped_losses = []
+
     def on_train_epoch_start(self) -> None:
         reset_epoch(self.epoch_means, "train", self.train_metrics)
+        self.unstepped_losses = []
 
     def on_validation_epoch_start(self) -> None:
         reset_epoch(self.epoch_means, "val", self.val_metrics)
@@ -226,6 +264,7 @@ class CompositeModule(Flavoured):
         reset_epoch(self.epoch_means, "test", self.test_metrics)
 
     def on_train_epoch_end(self) -> None:
+        self.count_unstepped_losses()  # a step Lightning never took (an optimizer the user steps by hand)
         log_epoch(self, self.epoch_means, "train", self.train_metrics)
 
     def on_validation_epoch_end(self) -> None:
@@ -244,5 +283,35 @@ class CompositeModule(Flavoured):
         return self._step(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        if self._pipeline_step() is not None:
+            raise NotImplementedError(
+                "predict under trainer=pipeline: this rank holds one stage of the model; load the checkpoint (it holds "
+                "every stage) into a single-process CompositeModule and predict with trainer=cpu (or gpu)"
+            )
         x = batch[0] if isinstance(batch, (tuple, list)) else batch  # (input, target) or input only
         return self.model(x)
+
+
+def guard_callback(guard: Any, package: str | None) -> GradientGuardCallbackBase:
+    """The module's guard callback from its ``guard`` argument: a mode, a mapping of arguments, or a callback.
+
+    A mode or a mapping gets the ``GradientGuardCallback`` of ``package`` (the module's own).
+
+    >>> guard_callback({"mode": "warn", "non_finite_patience": 2}, "pytorch_lightning").policy.patience
+    2
+    >>> guard_callback(["warn"], None)
+    Traceback (most recent call last):
+      ...
+    TypeError: guard=['warn']: use a mode (raise, warn, off), a mapping of GradientGuardCallback arguments, or a GradientGuardCallback
+    """
+    if isinstance(guard, GradientGuardCallbackBase):
+        return guard
+    cls = composites_classes(package).GradientGuardCallback if package is not None else GradientGuardCallbackBase
+    if isinstance(guard, Mapping):
+        return cls(**guard)
+    if isinstance(guard, (str, GuardMode)):
+        return cls(guard)
+    raise TypeError(
+        f"guard={guard!r}: use a mode (raise, warn, off), a mapping of GradientGuardCallback arguments, "
+        "or a GradientGuardCallback"
+    )

@@ -26,7 +26,8 @@ class EpochShuffle(RandomSampler):
 
     def __init__(self, data_source: Sized, seed: int = 0):
         super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -46,7 +47,9 @@ class ResumableBatchSampler(BatchSampler):
 
     def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool):
         super().__init__(sampler, batch_size, drop_last)
-        self.epoch, self._skip, self._yielded = 0, 0, 0
+        self.epoch = 0
+        self._skip = 0
+        self._yielded = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -117,7 +120,8 @@ class ResumableLoader(DataLoader):
             batch_sampler = ResumableBatchSampler(sampler, batch_size, drop_last)
         kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle = shuffle
+        self.seed = seed
 
     def state_dict(self) -> dict[str, int]:
         return self.batch_sampler.state_dict() if hasattr(self.batch_sampler, "state_dict") else {}

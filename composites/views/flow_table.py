@@ -45,7 +45,8 @@ def format_flow(tree: FlowNode) -> str:
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from composites import GradientGuard, Sequential, gradient_flow
+        >>> from composites import GradientGuard, Sequential
+        >>> from composites.views import gradient_flow
         >>> model = Sequential({"encoder": nn.Linear(3, 4), "head": nn.Linear(4, 2)})
         >>> model.encoder.requires_grad_(False)  # doctest: +ELLIPSIS
         Linear(...)

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from composites.presets.data import DigitsDataModule
+from composites.presets import DigitsDataModule
 from composites_hydra import build, register_configs
 from composites_hydra.build import CONFIG_DIR
 from tests import ROOT

@@ -248,3 +248,53 @@ def test_an_auxiliary_head_the_loop_calls_but_leaves_out_of_the_loss_is_not_in_l
         (name, "not_in_loss", "'aux' returned an output that depends on it, but the loss does not")
         for name in ("aux.weight", "aux.bias")
     }
+
+
+class Decoder(nn.Module):
+    """Reads the encoder's output (``memory``) only inside its layers, as cross-attention does; LayerDrop may skip them all."""
+
+    def __init__(self, skip_all: bool, detach: bool = False) -> None:
+        super().__init__()
+        self.layers, self.norm = nn.ModuleList([linear(3, 3), linear(3, 3)]), linear(3, 3)
+        self.skip_all, self.detach = skip_all, detach
+
+    def forward(self, x, memory):
+        if self.detach:
+            memory = memory.detach()
+        for layer in self.layers:
+            if self.skip_all:
+                continue
+            x = layer(x) + memory
+        return self.norm(x)
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, decoder: Decoder) -> None:
+        super().__init__()
+        self.encoder, self.decoder = linear(3, 3), decoder
+
+    def forward(self, x):
+        return self.decoder(x, self.encoder(x))
+
+
+def test_an_encoder_output_the_decoder_never_read_because_every_layer_was_skipped_is_not_in_loss_not_detached():
+    unread = "'encoder' returned an output that depends on it, but 'decoder', which received it, never read it in this forward"
+    assert problems_of(EncoderDecoder(Decoder(skip_all=True))) == {
+        "encoder.weight": ("encoder", "not_in_loss", unread),
+        "encoder.bias": ("encoder", "not_in_loss", unread),
+        **{
+            f"decoder.layers.{i}.{kind}": (
+                f"decoder.layers.{i}",
+                "unused",
+                f"'decoder.layers.{i}' never ran in forward, though 'decoder' did",
+            )
+            for i in range(2)
+            for kind in ("weight", "bias")
+        },
+    }
+    # read and then cut: still the detach, where it happened
+    cut = "inside 'decoder'.forward, which received it with gradient but returned it without"
+    assert problems_of(EncoderDecoder(Decoder(skip_all=False, detach=True))) == {
+        "encoder.weight": ("encoder", "detached", cut),
+        "encoder.bias": ("encoder", "detached", cut),
+    }

@@ -1,7 +1,8 @@
 """A guard on a torch.compile-d model: no Dynamo crash, eager names, and the same problems and causes as eager.
 
 Dynamo tracing is the point here, so most tests compile with ``backend="eager"`` (no codegen
-time); one test runs the default inductor backend.
+time); two run the default inductor backend, one of them with random skipping (LayerDrop), whose
+random numbers Inductor makes its own way unless the guard has it draw them as eager code does.
 """
 
 from functools import partial
@@ -10,11 +11,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from composites import CompositeModule, Conditional, GradientFlowError, GradientGuard, Parallel, Sequential
 from tests.guard.buggy_models import DetachInside, NoGradInside
-from tests.stand_ins import linear
+from tests.stand_ins import CompileSpy, linear
 
 X = torch.ones(4, 3)
 EAGER = partial(torch.compile, backend="eager")
@@ -106,7 +108,7 @@ def test_a_compiled_torch_nn_sequential_records_its_call_with_one_graph_and_no_c
     torch._dynamo.utils.counters.clear()
     for _ in range(3):
         compiled(X).sum().backward()
-        assert len(guard._root_calls) == 1
+        assert [call.module for call in guard.recorded_calls] == [model]  # the model's own call, once
         assert guard.check().ok
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
@@ -148,3 +150,83 @@ def test_composite_module_trains_a_compiled_model_and_stops_on_a_cut(compiled):
 def test_inductor_compiled_model_gets_the_same_causes_as_eager():
     eager = problems(BUGS["no_grad"](), steps=1)
     assert problems(torch.compile(BUGS["no_grad"]()), steps=1) == eager
+
+
+class NoisyLayer(nn.Module):
+    """A layer with dropout: compiled, a graph of its own whose random numbers Inductor makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.fc(x), 0.25, self.training)
+
+
+class LayerDrop(nn.Module):
+    """LayerDrop as Hugging Face writes it: a ``torch.rand([])`` per layer, the skip decided in Python.
+
+    Dynamo runs this loop eagerly (a data-dependent branch) and compiles each layer, so which
+    layers run depends on how far the layers' compiled dropout moved the generator.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(NoisyLayer() for _ in range(4))
+        self.head = linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            if torch.rand([]) < 0.5:
+                continue
+            x = layer(x)
+        return self.head(x)
+
+
+def layerdrop_steps(compiled: bool, steps: int = 6) -> list[tuple[dict[str, tuple[str, str]], set[str]]]:
+    """Per step, the guard's {parameter: (cause, where)} and the parameters that got no gradient."""
+    torch.manual_seed(0)
+    model = LayerDrop()
+    run = torch.compile(model) if compiled else model
+    guard = GradientGuard(run)
+    found = []
+    for _ in range(steps):
+        run(torch.ones(2, 4)).sum().backward()
+        report = guard.check(raise_error=False)
+        found.append(
+            (
+                {p.parameter: (p.cause, p.where) for p in report.problems},
+                {n for n, p in model.named_parameters() if p.grad is None},
+            )
+        )
+        model.zero_grad(set_to_none=True)
+    return found
+
+
+@pytest.mark.slow
+def test_inductor_compiled_layerdrop_names_the_skipped_layers_unused_like_eager_on_the_same_steps():
+    from torch._inductor import config as inductor
+
+    compiled, eager = layerdrop_steps(compiled=True), layerdrop_steps(compiled=False)
+    assert compiled == eager  # the compiled forward drew the numbers eager code draws, step by step
+    for problems, skipped in compiled:
+        assert {name: cause for name, (cause, _) in problems.items()} == dict.fromkeys(skipped, "unused")
+    assert any(skipped for _, skipped in compiled) and any(len(s) < 8 for _, s in compiled)
+    assert inductor.fallback_random is False  # on only while the guarded model ran
+
+
+def test_inductor_draws_as_eager_code_only_while_the_guarded_model_runs_also_when_it_raises():
+    from torch._inductor import config as inductor
+
+    model, spy = LayerDrop(), CompileSpy()
+    guard = GradientGuard(model, may_skip=["layers.*"])
+    compiled = torch.compile(model, backend=spy)
+    compiled(torch.ones(2, 4)).sum().backward()
+    assert guard.check().ok
+    assert spy.fallback_random and all(spy.fallback_random) and inductor.fallback_random is False
+    with pytest.raises(RuntimeError):  # a shape mismatch, found while Dynamo traces
+        compiled(torch.ones(2, 5))
+    assert inductor.fallback_random is False
+    with torch._inductor.config.patch(fallback_random=True):  # a user's own setting is kept
+        compiled(torch.ones(2, 4))
+        assert inductor.fallback_random is True

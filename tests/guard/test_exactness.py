@@ -195,7 +195,7 @@ def test_remove_takes_the_hooks_away():
     guard = GradientGuard(model)
     guard.remove()
     model(X).sum().backward()
-    assert not guard._reached and not guard._root_calls and not guard._calls
+    assert guard.reached == [] and guard.recorded_calls == []
 
 
 def test_huge_but_finite_gradients_whose_sum_overflows_are_not_non_finite():

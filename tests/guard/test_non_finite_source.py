@@ -124,7 +124,8 @@ def test_the_healthy_check_never_replays_and_the_search_leaves_random_state_and_
     for _ in range(3):
         model(X).sum().backward()
         assert guard.check().ok
-    assert replays == [] and not any(m._forward_hooks for m in model.modules())  # no per-module work when healthy
+    # no per-module work when healthy (the model's own forward hook is the guard's, for compiled calls)
+    assert replays == [] and not any(m._forward_hooks for m in model.modules() if m is not model)
     model.mid.on = True
     model(X).sum().backward()
     rng, stats = torch.get_rng_state(), model.norm.running_mean.clone()

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from composites import GradientFlowError, GradientGuard
 from tests.stand_ins import TINY_TEXT as TEXT
+from tests.stand_ins import CompileSpy
 
 T = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -276,3 +277,73 @@ def test_switch_transformer_with_may_skip_experts_passes_and_lists_the_idle_expe
     found, report = outcome(model, batch, loss=lambda out: out.loss, may_skip=["*.experts.*"])
     assert found == {}
     assert set(report.inactive_names) == expert_params_that_got_no_gradient(model) != set()
+
+
+def nllb_moe(decoder_layerdrop: float) -> nn.Module:
+    sizes = dict(vocab_size=99, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    layers = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2)
+    experts = dict(num_experts=4, expert_capacity=8, encoder_sparse_step=0, decoder_sparse_step=2)  # dense encoder
+    drop = dict(encoder_layerdrop=0.0, decoder_layerdrop=decoder_layerdrop, dropout=0.0)
+    return T.NllbMoeForConditionalGeneration(T.NllbMoeConfig(**sizes, **layers, **experts, **drop, **SEQ2SEQ))
+
+
+def test_nllb_moe_with_every_decoder_layer_dropped_calls_the_encoder_not_in_loss_not_detached():
+    model = nllb_moe(decoder_layerdrop=1.0)  # every decoder layer dropped: nothing reads the encoder's output
+    found, err = outcome(model, dict(input_ids=IDS, labels=IDS), loss=lambda out: out.loss)
+    encoder, decoder = names(model, "model.encoder.layer*"), names(model, "model.decoder.layers.*")
+    assert found == {**dict.fromkeys(encoder, "not_in_loss"), **dict.fromkeys(decoder, "unused")}
+    assert {p.where for p in err.problems if p.cause == "not_in_loss"} == {
+        "'model.encoder' returned an output that depends on it, but 'model.decoder', which received it, "
+        "never read it in this forward"
+    }
+
+
+# --- compiled: every graph compiled for the guarded model draws random numbers as eager code does --------------------
+# (Inductor itself, minutes per real model on this CPU, runs on a LayerDrop stand-in in tests/guard/test_compiled.py)
+
+
+def wavlm() -> nn.Module:
+    config = T.WavLMConfig(
+        **{k: TEXT[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")},
+        conv_dim=(8, 8),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+        num_buckets=8,
+        max_bucket_distance=16,
+        mask_time_prob=0.0,
+        layerdrop=0.5,
+    )
+    return T.WavLMModel(config)
+
+
+RANDOM_SKIPPING: dict[str, Callable[[], tuple[nn.Module, dict, Callable]]] = {
+    "wavlm layerdrop": lambda: (wavlm(), AUDIO, lambda out: first(out).sum()),
+    "wav2vec2 layerdrop": lambda: (wav2vec2(layerdrop=0.5), AUDIO, lambda out: first(out).sum()),
+    "switch transformers router noise": lambda: (
+        switch_transformer(),
+        dict(input_ids=IDS[:1, :4], labels=IDS[:1, :4]),
+        lambda out: out.loss,
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(RANDOM_SKIPPING))
+def test_every_graph_compiled_for_a_guarded_real_model_with_random_skipping_draws_as_eager_code(arch):
+    from torch._inductor import config
+
+    torch._dynamo.reset()
+    model, batch, loss = RANDOM_SKIPPING[arch]()
+    model.train()
+    spy = CompileSpy()
+    compiled = torch.compile(model, backend=spy)
+    guard = GradientGuard(compiled, may_skip=["*"])
+    try:
+        loss(compiled(**batch)).backward()
+        assert guard.check().ok
+    finally:
+        guard.remove()
+        torch._dynamo.reset()
+    assert spy.fallback_random and all(spy.fallback_random)
+    assert config.fallback_random is False  # only while the guarded model ran

@@ -31,7 +31,7 @@ from tests.scripts.train_helpers import compose_train
         ),
         (
             ["+model.stages.act._target_=torch.nn.functional.relu"],
-            r"model.stages.act._target_=torch.nn.functional.relu is a function, not a module class.*torch.nn.ReLU",
+            r"model.stages.act._target_=torch.nn.functional.relu is a function, not a class: it returns a Tensor where a Module is wanted. Use a class \(torch.nn.ReLU",
         ),
     ],
     ids=["monitor", "accumulate", "scheduler-name", "num-classes", "function-stage"],
@@ -69,7 +69,10 @@ def test_cpu_ddp_with_more_processes_than_cores_warns(tmp_path):
     cfg = compose_train(
         tmp_path, ["+composite=sequential", "trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={devices}"]
     )
-    with pytest.warns(UserWarning, match=rf"trainer.devices={devices} CPU processes on {devices - 1} cores"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"trainer.devices={devices} starts {devices} CPU processes \(strategy ddp\) on {devices - 1} cores",
+    ):
         check_config(cfg)
 
 
@@ -108,3 +111,18 @@ def test_a_model_with_every_parameter_frozen_is_named():
 def test_a_batch_that_is_not_input_and_target_is_named():
     with pytest.raises(TypeError, match=r"expects each batch as \(input, target\), got a dict with keys x, y"):
         module(Sequential({"head": nn.Linear(4, 3)})).training_step({"x": torch.zeros(2, 4), "y": torch.zeros(2)}, 0)
+
+
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ({"batch_size": 0}, "batch_size=0 must be a positive int (data.batch_size)"),
+        ({"num_workers": -1}, "num_workers=-1 must be an int >= 0 (data.num_workers; 0: load in this process)"),
+    ],
+)
+def test_a_batch_size_or_worker_count_that_cannot_load_is_named_when_the_data_is_built(argument, message):
+    from composites.presets import DigitsDataModule
+
+    with pytest.raises(ValueError) as info:
+        DigitsDataModule(**argument)
+    assert str(info.value) == message

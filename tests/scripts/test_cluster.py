@@ -7,7 +7,7 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
 
 from composites import Conditional, Sequential
-from composites.training.strategy import prepare_strategy
+from composites.training.strategies.prepare import prepare_strategy
 from composites_hydra import resume_path
 from composites_hydra.build import CONFIG_DIR
 from tests.processes import TRAIN, repository_env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from functools import partial
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from omegaconf import OmegaConf
 
-from composites import CompositeModule, Conditional, Parallel, Sequential
-from composites.presets.data import DigitsDataModule
+from composites import CompositeModule, Conditional, GradientGuardCallback, Parallel, Sequential
+from composites.presets import DigitsDataModule
 from composites.presets.models import ConvEncoder
 from composites_hydra import ConfigError, NoCompositeError, available_composites, build, build_node
 from composites_hydra.build import CONFIG_DIR
@@ -77,6 +78,15 @@ def test_trainer_presets(tmp_path, preset):
         assert type(built.strategy).__name__ == "DDPStrategy" and built.num_devices == 2
 
 
+def test_pipeline_preset_takes_split_microbatches_and_schedule(tmp_path):
+    overrides = ["+composite=sequential", "trainer=pipeline", "trainer.strategy.split=[[encoder],[head]]"]
+    trainer = compose_train(tmp_path, [*overrides, "trainer.strategy.schedule=gpipe"]).trainer
+    built = build_node(trainer, logger=False)  # nothing is launched before fit
+    strategy = built.strategy
+    assert type(strategy).__name__ == "PipelineStrategy" and built.num_devices == 2
+    assert (strategy.split, strategy.n_microbatches, strategy.schedule) == ([["encoder"], ["head"]], 4, "gpipe")
+
+
 @pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
 def test_optimizer_presets_are_partials(tmp_path, name, cls):
     factory = build_node(compose_train(tmp_path, [f"optimizer={name}"]).optimizer)
@@ -104,6 +114,34 @@ def test_param_groups_and_guard_mode_reach_the_module(tmp_path):
     groups = module.configure_optimizers().param_groups
     assert [(g["name"], g["lr"]) for g in groups] == [("fuse.image", 0.0001), ("default", 0.001)]
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in module.model.fuse.image.parameters()}
+
+
+def test_module_guard_is_a_node_of_the_guard_callbacks_arguments(tmp_path):
+    overrides = [
+        "+composite=conditional",
+        "guard=warn",
+        "module.guard.may_skip=[experts.*]",  # as the docs write it: no + needed
+        "module.guard.starved_after=3",
+        "module.guard.non_finite=apply",
+        "module.guard.non_finite_patience=2",
+    ]
+    cfg = compose_train(tmp_path, overrides)
+    _, module, _ = build(cfg)
+    callback = module.guard_callback
+    assert (callback.mode, callback.may_skip, callback.options["starved_after"]) == ("warn", ["experts.*"], 3)
+    assert (callback.policy.policy, callback.policy.patience) == ("apply", 2)
+    assert module.guard_mode == module.hparams.guard == "warn"
+    assert isinstance(callback, GradientGuardCallback)  # the Trainer's package's callback
+
+
+def test_module_guard_defaults_are_the_guard_callbacks_own(tmp_path):
+    cfg = compose_train(tmp_path, ["+composite=sequential"])
+    node = OmegaConf.to_container(cfg.module.guard, resolve=True, enum_to_str=True)
+    defaults = {
+        name: p.default for name, p in inspect.signature(GradientGuardCallback).parameters.items() if name in node
+    }
+    assert node == {**defaults, "may_skip": [], "mode": "raise"}
+    assert sorted(node) == ["may_skip", "mode", "non_finite", "non_finite_patience", "starved_after"]
 
 
 def test_a_scheduler_given_on_the_command_line_is_used(tmp_path):
@@ -177,8 +215,10 @@ def test_a_bad_compile_setting_or_trainer_target_names_the_key(tmp_path, overrid
 def test_the_checkpoint_mode_follows_the_monitor_unless_given(tmp_path, monitor, mode):
     _, _, trainer = build(compose_train(tmp_path, ["+composite=sequential", f"monitor={monitor}"]))
     assert (trainer.checkpoint_callback.monitor, trainer.checkpoint_callback.mode) == (monitor, mode)
-    _, _, trainer = build(compose_train(tmp_path, ["+composite=sequential", f"monitor={monitor}", "monitor_mode=max"]))
-    assert trainer.checkpoint_callback.mode == "max"
+    _, _, trainer = build(
+        compose_train(tmp_path, ["+composite=sequential", f"monitor={monitor}", f"monitor_mode={mode}"])
+    )
+    assert trainer.checkpoint_callback.mode == mode
 
 
 def test_composite_presets_leave_the_trainer_to_the_trainer_group():

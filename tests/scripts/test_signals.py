@@ -90,6 +90,26 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_say_how_to_resume_and_exit_non_zer
     assert command.endswith(f" ckpt_path=auto hydra.run.dir={run_dir}")
 
 
+def test_ctrl_c_twice_stops_at_once_with_status_130_and_names_the_newest_checkpoint(tmp_path):
+    process = start(tmp_path)
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "checkpoints" / "last.ckpt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)  # a person pressing twice
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 130, err[-3000:]
+    said = out + err
+    assert "Traceback" not in said and "Detected KeyboardInterrupt" not in said
+    assert (
+        f"stopped at once, without saving the step under way; the newest checkpoint is {tmp_path}/checkpoints/last.ckpt"
+        in out
+    )
+    assert out.split("resume with: ")[1].splitlines()[0].endswith(f" ckpt_path=auto hydra.run.dir={tmp_path}")
+
+
 @pytest.mark.slow
 def test_the_requeue_signal_requeues_the_slurm_job_and_the_printed_command_resumes(tmp_path):
     fake_bin = tmp_path / "bin"

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.scripts.train_helpers import QUICK, ROOT, compose_train, train
 
@@ -69,8 +70,18 @@ def test_the_command_line(tmp_path, finished_run):
     missing = run_script(cwd=tmp_path)
     bogus = run_script("+composite=bogus", cwd=tmp_path)
     typo = run_script("+composite=sequential", "guard=rase", cwd=tmp_path)
+    guard_dir = tmp_path / "guard"  # the guard's options from the command line, as the docs write them
+    guard = run_script(
+        "+composite=conditional",
+        "module.guard.may_skip=[experts.*]",
+        "guard=warn",
+        *QUICK,
+        f"hydra.run.dir={guard_dir}",
+        cwd=tmp_path,
+    )
     results = {
-        name: (p, *p.communicate(timeout=300)) for name, p in [("missing", missing), ("bogus", bogus), ("typo", typo)]
+        name: (p, *p.communicate(timeout=300))
+        for name, p in [("missing", missing), ("bogus", bogus), ("typo", typo), ("guard", guard)]
     }
 
     # the run of "+composite=sequential" with QUICK's limits and the progress bar as configured
@@ -81,11 +92,11 @@ def test_the_command_line(tmp_path, finished_run):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     # off a terminal: no progress-bar flood, one line per epoch, Lightning's log in train.log, none of its noise
     said = out + err
-    assert "\r" not in said and "epoch 1/1  step 3  " in said
+    assert "\r" not in said and "Epoch 0/0  step 3  " in said
     noise = ("Tip:", "`srun`", "LeafSpec", "multiple `ModelCheckpoint`")
     assert [n for n in noise if n in said] == []
     log = (run_dir / "train.log").read_text()
-    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in log and "epoch 1/1  step 3  " in log
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in log and "Epoch 0/0  step 3  " in log
 
     p, out, err = results["missing"]
     assert p.returncode == 1
@@ -98,6 +109,11 @@ def test_the_command_line(tmp_path, finished_run):
     p, out, err = results["typo"]
     assert p.returncode == 1
     assert "Invalid value 'rase', expected one of [raise, warn, off]\n    full_key: guard" in err
+
+    p, out, err = results["guard"]
+    assert p.returncode == 0, err
+    ran = OmegaConf.to_container(OmegaConf.load(guard_dir / ".hydra" / "config.yaml").module.guard, resolve=True)
+    assert (ran["mode"], ran["may_skip"]) == ("warn", ["experts.*"]) and "test/acc" in out
 
 
 def test_last_ckpt_follows_the_newest_epoch_even_when_the_metric_does_not_improve(tmp_path):

@@ -255,7 +255,7 @@ def test_a_parameter_missing_from_the_optimizer_is_reported():
 def test_guard_hooks_are_removed_after_fit():
     module = CompositeModule(two_stage(), nn.CrossEntropyLoss(), ADAM)
     trainer().fit(module, loader())
-    assert module.guard is not None and module.guard._handles == []
+    assert module.guard is not None and not module.guard.attached
 
 
 # ---------------------------------------------------------------- logging and predict
