@@ -71,6 +71,7 @@ ORDER = (
     "routing",
     "lightning",
     "fsdp",
+    "expert_parallel",
     "pipeline",
     "compile",
     "gpu",

@@ -16,7 +16,7 @@ from composites.training.packages import trainer_package
 from .checks import check_built, check_config, check_targets, function_target_error
 from .errors import ConfigError, NoCompositeError
 from .run_settings import metric_direction
-from .runs import keep_earlier_csv_logs, refuse_to_overwrite
+from .runs import check_resume, checkpoint_to_resume, decided, keep_earlier_csv_logs, refuse_to_overwrite
 from .schema import TrainConfig
 from .targets import for_package
 
@@ -68,7 +68,8 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
         raise ConfigError(
             f"unknown top-level key(s) {', '.join(unknown)}; the keys are those of TrainConfig in composites_hydra/schema.py"
         )
-    refuse_to_overwrite(cfg.paths.output_dir, cfg.ckpt_path)  # never delete what an earlier run wrote
+    if not decided(cfg.paths.output_dir):  # rank 0 decided for the whole run (KeepEarlierRuns)
+        refuse_to_overwrite(cfg.paths.output_dir, cfg.ckpt_path)  # never delete what an earlier run wrote
     check_config(cfg, _command_line())
     try:
         package = trainer_package(cfg.trainer._target_)
@@ -79,6 +80,9 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     # Resolve once, enums as plain strings ("raise", "max"), so objects get ordinary values.
     conf = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     check_targets(conf)  # every value against its target's signature, before anything is built
+    checkpoint = None if decided(cfg.paths.output_dir) else checkpoint_to_resume(cfg.ckpt_path, cfg.paths.output_dir)
+    if checkpoint is not None:  # under the script, KeepEarlierRuns checked before Hydra wrote anything
+        check_resume(checkpoint, conf["model"], conf["data"], conf["seed"])
     if conf["logger"] and cfg.ckpt_path is not None:
         keep_earlier_csv_logs(conf["logger"])
     # composites' own Lightning classes of the Trainer's package; Lightning's own come from configs that

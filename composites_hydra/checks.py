@@ -55,6 +55,18 @@ def check_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
                 )
 
 
+def check_seed(seed: Any) -> None:
+    """Refuse a ``seed`` that torch, numpy and Python cannot all take (checked before anything is seeded).
+
+    >>> check_seed(-1)
+    Traceback (most recent call last):
+      ...
+    composites_hydra.errors.ConfigError: seed=-1: use a whole number from 0 to 4294967295 (numpy's seeds), e.g. seed=1
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r}: use a whole number from 0 to {2**32 - 1} (numpy's seeds), e.g. seed=1")
+
+
 def check_targets(conf: Mapping[str, Any]) -> None:
     """Every ``_target_`` node of a resolved config against its target's signature, before anything is built.
 

@@ -19,6 +19,8 @@ from composites.training.callbacks.signal_checkpoint import SignalCheckpointBase
 from composites.training.logs import quiet_lightning, route_lightning_logs
 from composites.views import text_table
 from composites_hydra import ConfigError, build, register_configs, resume_command, resume_path
+from composites_hydra.checks import check_seed
+from composites_hydra.ranks import stop_together
 
 register_configs()
 
@@ -36,6 +38,7 @@ def train(cfg: DictConfig) -> float:
     import pytorch_lightning as pl
 
     quiet_lightning()  # before the Trainer is built: its tips and hints come then
+    check_seed(cfg.seed)  # seeding comes before build(), which checks the rest
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     for callback in trainer.callbacks:  # a signal's message names the command that resumes this run
@@ -63,10 +66,11 @@ def train(cfg: DictConfig) -> float:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     route_lightning_logs()  # Hydra has set up logging: Lightning's records go to the run's train.log too
-    try:
-        return train(cfg)
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None  # a clean message and exit status 1, no traceback
+    with stop_together():  # a rank that stops before the process group is up stops the others, with its message
+        try:
+            return train(cfg)
+        except ConfigError as error:
+            raise SystemExit(f"error: {error}") from None  # a clean message and exit status 1, no traceback
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def diagnose(
         )
         for path, submodel in step.unregistered
     ]
-    if missing:
+    if missing or step.collective_forward:  # with collectives in the forward, every rank replays together
         problems += _explain_missing(step, sorted(missing))
     problems += [Problem(names[i], submodels[names[i]], "not_in_optimizer") for i in not_in_opt]
     problems += [

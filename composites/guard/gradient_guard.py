@@ -20,7 +20,7 @@ from .problems import GradientFlowError, GuardReport, Problem
 from .sharded import ShardedArrivals
 from .step import RecordedCall, StepRecord
 from .structure import grouped_grad_norms, require_module, submodel_names, unregistered_tensors
-from .sync import gather_problems, is_distributed, reduce_flags
+from .sync import RankAgreement, is_distributed
 
 
 class GradientGuard:
@@ -113,6 +113,7 @@ class GradientGuard:
         self._checks = 0
         self._param_handles: list[Any] = []
         self._sharded: ShardedArrivals | None = None
+        self._ranks = RankAgreement(group)  # one verdict on every rank, whatever parameters each holds
         self._hooked: set[int] = set()
         self._capture = StateCapture(model)
         self.set_optimizer(optimizer)
@@ -131,6 +132,7 @@ class GradientGuard:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.submodels = submodel_names(self.model, self.names)
+        self._ranks.forget()
         self._inactive.refresh(self.model, self.names)  # checks the may_skip patterns first
         for handle in self._param_handles:
             handle.remove()
@@ -207,17 +209,14 @@ class GradientGuard:
         not_in_opt = self._coverage.missing(self.params)
         non_finite, overflow = self._finite(self.params, loss) if self.check_finite else (False, False)
         distributed = is_distributed(self.group)
-        explain, reached = missing, self._reached
+        explain, reached, elsewhere = missing, self._reached, False
         if distributed:  # one collective: a parameter is fine when any rank reached it
-            reached = set()
-            flagged, non_finite = reduce_flags(
-                self.params, self._reached, missing, non_finite, anywhere=reached, group=self.group
-            )
+            flagged, non_finite, elsewhere, reached = self._ranks.reduce(self, self._reached, missing, non_finite)
             # a rank explains only what it missed itself: where it was routed out, another rank has the cause
             missing, explain = flagged, flagged & missing
         starved = self._inactive.starved(countable & trainable, reached, inactive - missing)
         problems: list[Problem] = []
-        if missing or non_finite or not_in_opt or self._unregistered or starved:
+        if self._ranks.agree(bool(missing or non_finite or not_in_opt or self._unregistered or starved or elsewhere)):
             calls, no_grad = list(self._root_calls or self._calls), frozenset(self._no_grad_calls)
             step = StepRecord(
                 self.model,
@@ -229,11 +228,12 @@ class GradientGuard:
                 self._unregistered,
                 check=self._checks,
                 loss=loss,
+                collective_forward=distributed and self._ranks.spread,  # all-to-alls in it: every rank replays
             )
             explained = diagnose if self._sharded is None else self._sharded.diagnose
             problems = explained(step, explain, non_finite, not_in_opt, starved)
             if distributed:
-                problems = gather_problems(problems, self.group)
+                problems = self._ranks.problems(problems)
         shown = inactive - self._reached
         report = GuardReport(
             checked=len(trainable),

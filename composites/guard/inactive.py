@@ -125,7 +125,9 @@ class InactiveParameters:
         excused, countable = set(self.skippable), set(self.skippable)
         for conditional, branch_params in self.conditionals:
             ran = conditional.drain_ran()
-            if not ran:
+            # under expert parallelism a rank's own experts may all have gone without samples while
+            # the Conditional ran; had it not run at all, its gate (on every rank) says so
+            if not ran and conditional.dispatcher is None:
                 continue
             scored = conditional.last_gate is not None
             for branch, indices in branch_params.items():

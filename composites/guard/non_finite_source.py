@@ -124,11 +124,11 @@ def non_finite_problems(record: Any) -> list[Problem]:
     model, names, params, submodels, calls = record.model, record.names, record.params, record.submodels, record.calls
     step, loss = getattr(record, "check", 0), getattr(record, "loss", None)
     held = [(name, p.grad) for name, p in zip(names, params) if p.grad is not None]
-    if not held:
-        return []
-    finite = torch.stack([torch.isfinite(stored(g)).all() for _, g in held]).tolist()
+    finite = torch.stack([torch.isfinite(stored(g)).all() for _, g in held]).tolist() if held else []
     bad = [name for (name, _), ok in zip(held, finite) if not ok]
-    if not bad:  # finite norms that overflowed, per tensor all finite
+    if not bad:  # finite norms that overflowed, per tensor all finite (or the bad gradients are on another rank)
+        if getattr(record, "collective_forward", False) and calls:
+            replay_for_source(model, calls)  # its all-to-alls wait for this rank: replay along, say nothing
         return []
     source, order = replay_for_source(model, calls) if calls else (None, {})
     if source is not None and source[0] != "<replay failed>":

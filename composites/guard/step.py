@@ -69,3 +69,6 @@ class StepRecord:
     unregistered: list[tuple[str, str]] = field(default_factory=list)
     check: int = 0  # the guard's count of checks, this one included: the step non_finite names
     loss: Any = None  # the loss given to check() (a Tensor), else None
+    # the forward runs collectives (expert parallelism's all-to-alls): a replay runs on every rank
+    # together, also where there is nothing to explain, or the others would wait for it
+    collective_forward: bool = False

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .children import named_modules_from, refuse_class, register_children, run_child
-from .routing import dispatch_top_k, dispatch_with_capacity, load_balancing_loss
+from .routing import Dispatcher, dispatch_top_k, dispatch_with_capacity, load_balancing_loss
 
 Router = Callable[..., "str | Tensor"]
 
@@ -79,6 +79,7 @@ class Conditional(nn.Module):
                 "active_branches",
                 "_ran_since_check",
                 "last_gate",
+                "dispatcher",
             ),
         )
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(self.branch_names):
@@ -103,6 +104,9 @@ class Conditional(nn.Module):
         self.active_branches: tuple[str, ...] = ()
         self._ran_since_check: set[str] = set()  # drained by GradientGuard: what ran with grad since its last check
         self.last_gate: tuple[Tensor, Tensor] | None = None  # (probs, chosen) of the last score routing
+        # expert parallelism (composites.parallelism) sets it: the branches live on several ranks,
+        # this rank holds some of them, and the dispatch moves samples to where their branch is
+        self.dispatcher: Dispatcher | None = None
 
     def route(self, x: Any, *args: Any, **kwargs: Any) -> str | Tensor:
         """A branch name for the whole batch, or scores ``(batch, branches)`` (override point)."""
@@ -137,15 +141,26 @@ class Conditional(nn.Module):
         # eager: each branch behind run_child, so a failure names it; compiled: the modules
         # themselves (run_child adds nothing there, and a wrapper would be traced on its own)
         compiling = torch.compiler.is_compiling()
-        branches = [self._modules[name] if compiling else self._named_branch(name) for name in self.branch_names]
-        if self.capacity_factor is None:
-            out, probs, chosen, ran = dispatch_top_k(branches, decision, x, self.top_k)
+        branches = {
+            name: self._modules[name] if compiling else self._named_branch(name)
+            for name in self.branch_names
+            if name in self._modules  # under expert parallelism, this rank's branches only
+        }
+        if self.dispatcher is not None:
+            out, probs, chosen, ran_here, self.dropped = self.dispatcher(
+                branches, decision, x, self.top_k, self.capacity_factor
+            )
+            self.active_branches = tuple(ran_here)
+            if torch.is_grad_enabled():
+                self._ran_since_check.update(self.active_branches)
+        elif self.capacity_factor is None:
+            out, probs, chosen, ran = dispatch_top_k(list(branches.values()), decision, x, self.top_k)
             self.active_branches = tuple(self.branch_names[i] for i in ran)
             if torch.is_grad_enabled():  # a validation forward in between trains nothing
                 self._ran_since_check.update(self.active_branches)
         else:
             out, probs, chosen, self.dropped = dispatch_with_capacity(
-                branches, decision, x, self.top_k, self.capacity_factor
+                list(branches.values()), decision, x, self.top_k, self.capacity_factor
             )
             self.active_branches = self.branch_names
             if torch.is_grad_enabled():
@@ -158,6 +173,12 @@ class Conditional(nn.Module):
     def _run_branch(self, name: str, x: Any, args: tuple, kwargs: dict) -> Any:
         if name not in self.branch_names:
             raise KeyError(f"unknown branch '{name}': this Conditional has {list(self.branch_names)}")
+        if self.dispatcher is not None:
+            raise RuntimeError(
+                f"Conditional: the router chose branch '{name}' for the whole batch, but the branches are spread over "
+                "ranks (expert parallelism), which needs per-sample scores from a gate module; route by scores, or "
+                "train this model with trainer=ddp"
+            )
         self.active_branches = (name,)
         if torch.is_grad_enabled():
             self._ran_since_check.add(name)
@@ -175,6 +196,7 @@ class Conditional(nn.Module):
         state = super().__getstate__()
         state["last_gate"] = None
         state["dropped"] = None
+        state["dispatcher"] = None  # holds process groups: a copy is a single-process module
         return state
 
     def drain_ran(self) -> frozenset[str]:
@@ -212,6 +234,8 @@ class Conditional(nn.Module):
         if self.last_gate is None:
             raise RuntimeError("load_balancing_loss() needs a forward with score routing (a gate module) first")
         probs, chosen = self.last_gate
+        if self.dispatcher is not None:  # the fractions routed to each branch count every rank's samples
+            return self.dispatcher.load_balancing_loss(probs, chosen)
         return load_balancing_loss(probs, chosen)
 
     def extra_repr(self) -> str:

@@ -7,7 +7,8 @@ slots (no host read, static shapes, overflow dropped).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -132,3 +133,24 @@ def load_balancing_loss(probs: Tensor, chosen: Tensor) -> Tensor:
     counts = probs.new_zeros(n).scatter_add(0, flat, torch.ones_like(flat, dtype=probs.dtype))
     fraction = counts / chosen.numel()
     return n * (fraction * probs.mean(dim=0)).sum()
+
+
+class Dispatcher(Protocol):
+    """Runs score-routed samples through branches that may live on other ranks (expert parallelism).
+
+    Called with this rank's branches (name -> callable), the scores ``(batch, branches)``, the
+    input, ``top_k`` and ``capacity_factor``; returns ``(output, probs, chosen, ran, dropped)``:
+    ``ran`` names the local branches that ran on some rank's samples, ``dropped`` is as in
+    :func:`~composites.modules.routing.dispatch_with_capacity` (``None`` without capacity).
+    """
+
+    def __call__(
+        self,
+        branches: Mapping[str, Callable[[Tensor], Tensor]],
+        scores: Tensor,
+        x: Tensor,
+        top_k: int,
+        capacity_factor: float | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Sequence[str], Tensor | None]: ...
+
+    def load_balancing_loss(self, probs: Tensor, chosen: Tensor) -> Tensor: ...

@@ -22,6 +22,7 @@ from .callbacks.resume_state import ResumeStateBase
 from .callbacks.signal_checkpoint import SignalCheckpointBase
 from .module import CompositeModuleBase
 from .packages import LIGHTNING_CLASSES
+from .strategies.expert_parallel import ExpertParallelStrategyBase
 from .strategies.fsdp2 import FSDP2StrategyBase
 from .strategies.pipeline import PipelineStrategyBase
 
@@ -66,6 +67,10 @@ class FreezeSubmodels(FreezeSubmodelsBase, L.Callback):
 
 class FSDP2Strategy(FSDP2StrategyBase, L.strategies.ModelParallelStrategy):
     """:class:`~composites.training.strategies.fsdp2.FSDP2StrategyBase` as a ``lightning.pytorch`` ``ModelParallelStrategy``."""
+
+
+class ExpertParallelStrategy(ExpertParallelStrategyBase, L.strategies.DDPStrategy):
+    """:class:`~composites.training.strategies.expert_parallel.ExpertParallelStrategyBase` as a ``lightning`` ``DDPStrategy``."""
 
 
 class PipelineStrategy(PipelineStrategyBase, L.strategies.DDPStrategy):

@@ -36,6 +36,7 @@ LIGHTNING_CLASSES = (
     "ResumeState",
     "FreezeSubmodels",
     "FSDP2Strategy",
+    "ExpertParallelStrategy",
     "PipelineStrategy",
 )
 

@@ -20,6 +20,7 @@ from .callbacks.resume_state import ResumeStateBase
 from .callbacks.signal_checkpoint import SignalCheckpointBase
 from .module import CompositeModuleBase
 from .packages import LIGHTNING_CLASSES
+from .strategies.expert_parallel import ExpertParallelStrategyBase
 from .strategies.fsdp2 import FSDP2StrategyBase
 from .strategies.pipeline import PipelineStrategyBase
 
@@ -64,6 +65,10 @@ class FreezeSubmodels(FreezeSubmodelsBase, pl.Callback):
 
 class FSDP2Strategy(FSDP2StrategyBase, pl.strategies.ModelParallelStrategy):
     """:class:`~composites.training.strategies.fsdp2.FSDP2StrategyBase` as a ``pytorch_lightning`` ``ModelParallelStrategy``."""
+
+
+class ExpertParallelStrategy(ExpertParallelStrategyBase, pl.strategies.DDPStrategy):
+    """:class:`~composites.training.strategies.expert_parallel.ExpertParallelStrategyBase` as a ``pytorch_lightning`` ``DDPStrategy``."""
 
 
 class PipelineStrategy(PipelineStrategyBase, pl.strategies.DDPStrategy):

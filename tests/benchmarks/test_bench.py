@@ -19,7 +19,18 @@ import benchmarks
 from benchmarks import Row, Settings
 from benchmarks.__main__ import _checked
 
-SECTIONS = ["composites", "guard", "diagnosis", "routing", "lightning", "fsdp", "pipeline", "compile", "gpu"]
+SECTIONS = [
+    "composites",
+    "guard",
+    "diagnosis",
+    "routing",
+    "lightning",
+    "fsdp",
+    "expert_parallel",
+    "pipeline",
+    "compile",
+    "gpu",
+]
 
 
 @pytest.mark.slow  # 40-60 s on 2 busy cores: a fresh interpreter, then every section with --quick

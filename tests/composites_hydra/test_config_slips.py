@@ -170,3 +170,12 @@ def test_a_run_that_would_train_or_select_nothing_warns(tmp_path, overrides, war
     with pytest.warns(UserWarning) as record:
         check_config(compose_train(tmp_path, ["+composite=sequential", *overrides]))
     assert [str(w.message) for w in record] == [warning]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_numpy_cannot_take_is_named_before_anything_is_seeded(tmp_path, seed):
+    from composites_hydra import ConfigError
+    from tests.scripts.train_helpers import train
+
+    with pytest.raises(ConfigError, match=rf"seed={seed}: use a whole number from 0 to 4294967295"):
+        train.train(compose_train(tmp_path, ["+composite=sequential", f"seed={seed}"]))

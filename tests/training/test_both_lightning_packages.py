@@ -116,7 +116,10 @@ def test_the_classes_are_real_subclasses_of_their_packages_classes_and_keep_thei
         assert issubclass(classes.CompositeModule, api.LightningModule)
         assert issubclass(classes.DigitsDataModule, api.LightningDataModule)
         assert issubclass(classes.FSDP2Strategy, lightning_api(package).strategies.ModelParallelStrategy)
-        for name in set(classes.__all__) - {"CompositeModule", "DigitsDataModule", "FSDP2Strategy"}:
+        assert issubclass(classes.ExpertParallelStrategy, lightning_api(package).strategies.DDPStrategy)
+        assert issubclass(classes.PipelineStrategy, lightning_api(package).strategies.DDPStrategy)
+        strategies = {"FSDP2Strategy", "ExpertParallelStrategy", "PipelineStrategy"}
+        for name in set(classes.__all__) - {"CompositeModule", "DigitsDataModule", *strategies}:
             assert issubclass(getattr(classes, name), api.Callback), name
         module = classes.CompositeModule(two_stage(), nn.CrossEntropyLoss(), partial(torch.optim.SGD, lr=0.1))
         assert type(module) is classes.CompositeModule
