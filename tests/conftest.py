@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests import ROOT
+from tests.processes import SHARED_SCRIPTS, run_shared_scripts
 
 
 @pytest.fixture
@@ -62,3 +63,26 @@ def run_python() -> Callable[..., subprocess.CompletedProcess]:
         return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def shared_scripts(tmp_path_factory) -> Callable[[str], Any]:
+    """Every script registered with ``tests.processes.share_script``, run once for the session in one interpreter.
+
+    ``shared_scripts(name)`` is the folder that script wrote into, after it finished on each of
+    ``ranks`` (default 0 and 1); else the test fails with what the script said.
+    """
+    folder = tmp_path_factory.mktemp("shared")
+    try:
+        said = run_shared_scripts(folder, timeout=240 * len(SHARED_SCRIPTS)).stderr
+    except subprocess.TimeoutExpired as expired:
+        said = f"the shared run timed out after {expired.timeout} s"
+
+    def ran(name: str, ranks: tuple[int, ...] = (0, 1)) -> Any:
+        out = folder / name
+        if not all((out / f"finished.rank{rank}").exists() for rank in ranks):
+            logs = {p.name: p.read_text()[-3000:] for p in sorted(out.glob("stderr.rank*.txt"))}
+            pytest.fail(f"shared script {name!r} did not finish on ranks {ranks}: {logs or said[-3000:]}")
+        return out
+
+    return ran

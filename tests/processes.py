@@ -72,3 +72,51 @@ def spawn_until_written(
             if p.is_alive():
                 p.kill()
     return None
+
+
+# Scripts registered here run one after the other in ONE interpreter (its Lightning DDP launch
+# included: the ranks Lightning starts for the first script's Trainer serve every later one), so
+# a pair of ranks that costs most of its time importing torch and Lightning serves several tests.
+SHARED_SCRIPTS: dict[str, str] = {}
+
+SHARED_RUNNER = """
+import contextlib, os, sys, traceback
+rank = os.environ.get("LOCAL_RANK", "0")  # Lightning starts rank 1 with LOCAL_RANK set; rank 0 has none yet
+for name in {names!r}:
+    folder = os.path.join({folder!r}, name)
+    script = os.path.join(folder, "script.py")
+    sys.argv[1:] = [folder]  # a script reads its output folder from sys.argv[1]; rank 1 ignores its arguments
+    with open(os.path.join(folder, f"stderr.rank{{rank}}.txt"), "w") as err, contextlib.redirect_stderr(err):
+        try:
+            exec(compile(open(script).read(), script, "exec"), {{"__name__": "__main__", "__file__": script}})
+            ended = "finished"
+        except BaseException:
+            traceback.print_exc()
+            ended = "failed"
+    open(os.path.join(folder, f"{{ended}}.rank{{rank}}"), "w").close()
+    if ended == "failed":
+        sys.exit(f"{{name}} failed on rank {{rank}}: see {{folder}}/stderr.rank{{rank}}.txt")
+"""
+
+
+def share_script(name: str, text: str) -> str:
+    """Register ``text`` (a script that writes into the folder ``sys.argv[1]`` names) for :func:`run_shared_scripts`.
+
+    Test modules register at import, so every script of the session is known before the first
+    test asks for the shared run. Returns ``name``.
+    """
+    SHARED_SCRIPTS[name] = text
+    return name
+
+
+def run_shared_scripts(folder: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run every registered script, in registration order, in one fresh interpreter; each gets ``folder/<name>``.
+
+    A script that ends writes ``finished.rank<r>`` (or ``failed.rank<r>``, its traceback in
+    ``stderr.rank<r>.txt``) into its folder per rank; the run stops at the first failure.
+    """
+    for name, text in SHARED_SCRIPTS.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "script.py").write_text(text)
+    runner = SHARED_RUNNER.format(names=list(SHARED_SCRIPTS), folder=str(folder))
+    return run_script(folder / "shared_runner.py", runner, timeout=timeout)

@@ -33,8 +33,10 @@ SCRIPT = ROOT / "scripts" / "slurm" / "train.sbatch"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
 
 
-def submit(tmp_path: Path, monkeypatch, epochs: int, batches: int, sleep_s: float) -> tuple[str, Path]:
-    """A 2-task job of ``epochs`` x ``batches`` steps; returns its id and its log's path."""
+def submit(
+    tmp_path: Path, monkeypatch, epochs: int, batches: int, sleep_s: float, first_leg_only: bool = False
+) -> tuple[str, Path]:
+    """A 2-task job of ``epochs`` x ``batches`` steps (``sleep_s`` after each, maybe in the first leg only)."""
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the job imports tests.cluster.step_marks
     overrides = [
         *TINY,
@@ -44,6 +46,7 @@ def submit(tmp_path: Path, monkeypatch, epochs: int, batches: int, sleep_s: floa
         f"trainer.limit_train_batches={batches}",
         "+callbacks.marks._target_=tests.cluster.step_marks.StepMarks",
         f"+callbacks.marks.sleep_s={sleep_s}",
+        f"+callbacks.marks.first_leg_only={str(first_leg_only).lower()}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     job_id = sbatch(cpu_options(tmp_path), SCRIPT, overrides)
@@ -56,7 +59,7 @@ def legs(log: str) -> list[str]:
 
 
 def test_a_job_requeued_mid_epoch_resumes_at_the_step_where_it_stopped(tmp_path, monkeypatch):
-    job_id, log_path = submit(tmp_path, monkeypatch, epochs=2, batches=20, sleep_s=0.2)
+    job_id, log_path = submit(tmp_path, monkeypatch, epochs=2, batches=20, sleep_s=0.2, first_leg_only=True)
     try:
         wait_for_text(log_path, r"^step 4$", timeout=180, job_id=job_id)
         requeue(job_id)  # SLURM sends SIGTERM, then queues the job again

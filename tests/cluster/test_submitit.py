@@ -44,6 +44,7 @@ def test_a_submitit_job_that_times_out_saves_is_requeued_by_submitit_and_resumes
         "trainer.limit_train_batches=20",
         "+callbacks.marks._target_=tests.cluster.step_marks.StepMarks",
         "+callbacks.marks.sleep_s=0.2",
+        "+callbacks.marks.first_leg_only=true",  # the leg after the requeue runs at full speed
         "ckpt_path=auto",
         f"hydra.sweep.dir={tmp_path}/sweep-${{now:%H-%M-%S-%f}}",  # resolved once: the requeued job comes back to it
     ]

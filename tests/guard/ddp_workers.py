@@ -57,22 +57,24 @@ def verdicts(scenario: str) -> list:
     return outcome
 
 
-def run(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
-    """Write this rank's verdicts to ``out_dir/rank{rank}.json``, then tear down.
+def run(rank: int, world: int, port: int, scenarios: tuple[str, ...], out_dir: str) -> None:
+    """Write this rank's verdicts of each scenario to ``out_dir/<scenario>.rank{rank}.json``, then tear down.
 
-    The file is written from this thread before teardown, not through a multiprocessing
-    queue: a queue's feeder thread can be starved by a C++ destructor that holds the GIL, and
-    the verdict would be lost although the rank reached it. DDP is freed while its process
-    group is alive, then the group is destroyed.
+    One process group serves every scenario, one after the other (a fresh model and DDP each):
+    spawning ranks is most of what a scenario costs. Each file is written from this thread before
+    the next scenario, not through a multiprocessing queue: a queue's feeder thread can be starved
+    by a C++ destructor that holds the GIL, and the verdict would be lost although the rank
+    reached it. DDP is freed while its process group is alive, then the group is destroyed.
     """
-    faulthandler.dump_traceback_later(90, exit=True)  # a hung rank prints where it hangs, then exits
+    faulthandler.dump_traceback_later(90 * len(scenarios), exit=True)  # a hung rank prints where it hangs, then exits
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        outcome = verdicts(scenario)
-        path = Path(out_dir) / f"rank{rank}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(outcome))
-        os.replace(path.with_suffix(".tmp"), path)  # the reader never sees half a file
-        dist.barrier()
+        for scenario in scenarios:
+            outcome = verdicts(scenario)
+            path = Path(out_dir) / f"{scenario}.rank{rank}.json"
+            path.with_suffix(".tmp").write_text(json.dumps(outcome))
+            os.replace(path.with_suffix(".tmp"), path)  # the reader never sees half a file
+            dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1,28 +1,39 @@
 """The guard under two-rank gloo DDP: one verdict on every rank, never a rank raising alone."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.guard import ddp_workers
 from tests.processes import free_port, spawn_until_written
 
-TIMEOUT_S = 180  # a hang fails here; a slow, busy 2-core machine does not
+SCENARIOS = ("one_rank", "unused_everywhere", "detached_where_routed")
+TIMEOUT_S = 240  # every scenario of both ranks; a hang fails here, a slow, busy 2-core machine does not
 
 
-def run_two_ranks(scenario: str, out_dir: Path) -> dict[int, list]:
-    """Each rank's verdicts, as soon as both have written them; fails (never hangs) past the deadline."""
-    paths = {rank: out_dir / f"rank{rank}.json" for rank in (0, 1)}
-    args = (2, free_port(), scenario, str(out_dir))
-    if failed := spawn_until_written(ddp_workers.run, args, paths.values(), TIMEOUT_S):
-        pytest.fail(f"DDP scenario '{scenario}': {failed}")
-    return {rank: json.loads(path.read_text()) for rank, path in paths.items()}
+@pytest.fixture(scope="module")
+def every_scenario(tmp_path_factory) -> dict[tuple[str, int], list]:
+    """Each (scenario, rank)'s verdicts; one pair of spawned ranks runs every scenario; never hangs.
+
+    A scenario neither rank finished is missing from the result: its test fails on its own.
+    """
+    out = tmp_path_factory.mktemp("ddp")
+    paths = {(s, r): out / f"{s}.rank{r}.json" for s in SCENARIOS for r in (0, 1)}
+    failed = spawn_until_written(ddp_workers.run, (2, free_port(), SCENARIOS, str(out)), paths.values(), TIMEOUT_S)
+    found = {key: json.loads(path.read_text()) for key, path in paths.items() if path.exists()}
+    return {"failed": failed, **found}
+
+
+def run_two_ranks(outcomes: dict, scenario: str) -> dict[int, list]:
+    """Each rank's verdicts of ``scenario``; fails when a rank did not write them in time."""
+    if any((scenario, rank) not in outcomes for rank in (0, 1)):
+        pytest.fail(f"DDP scenario '{scenario}': {outcomes['failed']}")
+    return {rank: outcomes[(scenario, rank)] for rank in (0, 1)}
 
 
 @pytest.mark.slow
-def test_branch_active_on_one_rank_only_passes_and_routed_out_branch_is_listed(tmp_path):
-    outcomes = run_two_ranks("one_rank", tmp_path)
+def test_branch_active_on_one_rank_only_passes_and_routed_out_branch_is_listed(every_scenario):
+    outcomes = run_two_ranks(every_scenario, "one_rank")
     # 'a' runs on rank 0, 'b' on rank 1, so both are reached somewhere; 'c' runs nowhere
     inactive = ["experts.c.bias", "experts.c.weight"]
     for rank in (0, 1):
@@ -32,15 +43,15 @@ def test_branch_active_on_one_rank_only_passes_and_routed_out_branch_is_listed(t
 
 
 @pytest.mark.slow
-def test_parameter_unused_on_every_rank_raises_the_same_error_on_every_rank_at_the_first_step(tmp_path):
-    outcomes = run_two_ranks("unused_everywhere", tmp_path)
+def test_parameter_unused_on_every_rank_raises_the_same_error_on_every_rank_at_the_first_step(every_scenario):
+    outcomes = run_two_ranks(every_scenario, "unused_everywhere")
     expected = [["error", [["aux.bias", "aux", "unused"], ["aux.weight", "aux", "unused"]]]]
     assert outcomes[0] == outcomes[1] == expected
 
 
 @pytest.mark.slow
-def test_cause_comes_from_the_rank_that_ran_the_branch_not_from_one_that_routed_it_out(tmp_path):
-    outcomes = run_two_ranks("detached_where_routed", tmp_path)
+def test_cause_comes_from_the_rank_that_ran_the_branch_not_from_one_that_routed_it_out(every_scenario):
+    outcomes = run_two_ranks(every_scenario, "detached_where_routed")
     expected = [
         ["error", [["experts.b.fc.bias", "experts.b", "detached"], ["experts.b.fc.weight", "experts.b", "detached"]]]
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,10 +98,11 @@ def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_the_command_line_refuses_a_used_run_directory_and_a_resume_keeps_the_first_config(tmp_path):
-    run_dir = tmp_path / "run"
-    first = run_script("+composite=sequential", *QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+def test_the_command_line_refuses_a_used_run_directory_and_a_resume_keeps_the_first_config(tmp_path, finished_run):
+    first_dir, first = finished_run  # "+composite=sequential" with QUICK's limits, in a directory of its own
     assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    shutil.copytree(first_dir, run_dir)  # this test writes into the run directory: a copy of the finished one
     recorded = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     metrics = (run_dir / "logs" / "metrics.csv").read_bytes()
 

@@ -37,11 +37,15 @@ def start(run_dir, *extra: str, env: dict | None = None) -> subprocess.Popen:
     )
 
 
-def signal_once_training(process: subprocess.Popen, run_dir, signum: int) -> tuple[str, str]:
+def wait_until_training(process: subprocess.Popen, run_dir) -> None:
     deadline = time.monotonic() + 180
     while not (run_dir / "checkpoints" / "last.ckpt").exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.1)
+
+
+def signal_once_training(process: subprocess.Popen, run_dir, signum: int) -> tuple[str, str]:
+    wait_until_training(process, run_dir)
     process.send_signal(signum)
     return process.communicate(timeout=180)
 
@@ -63,15 +67,27 @@ def stopped_as_promised(process: subprocess.Popen, out: str, err: str, name: str
     return step
 
 
-def test_sigterm_and_ctrl_c_save_a_checkpoint_say_how_to_resume_and_exit_non_zero(tmp_path):
-    runs = {name: tmp_path / name for name in ("SIGTERM", "SIGINT")}
-    processes = {name: start(run_dir) for name, run_dir in runs.items()}  # together: most time is imports
-    for name, process in processes.items():
-        out, err = signal_once_training(process, runs[name], getattr(signal, name))
-        stopped_as_promised(process, out, err, name, runs[name])
-        command = out.split("resume with: ")[1].splitlines()[0]
-        assert command.startswith("python scripts/train.py +composite=sequential ")
-        assert command.endswith(f" ckpt_path=auto hydra.run.dir={runs[name]}")
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, str, str, object]]:
+    """A SIGTERM and a ctrl-c (SIGINT) to two runs started together (most of their time is imports).
+
+    ``{signal name: (process, stdout, stderr, run directory)}``, each run signalled once it trains.
+    """
+    runs = {name: tmp_path_factory.mktemp(name) for name in ("SIGTERM", "SIGINT")}
+    processes = {name: start(run_dir) for name, run_dir in runs.items()}
+    for name, process in processes.items():  # each signalled as soon as it trains, not after the other ended
+        wait_until_training(process, runs[name])
+        process.send_signal(getattr(signal, name))
+    return {name: (process, *process.communicate(timeout=180), runs[name]) for name, process in processes.items()}
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_say_how_to_resume_and_exit_non_zero(stopped, name):
+    process, out, err, run_dir = stopped[name]
+    stopped_as_promised(process, out, err, name, run_dir)
+    command = out.split("resume with: ")[1].splitlines()[0]
+    assert command.startswith("python scripts/train.py +composite=sequential ")
+    assert command.endswith(f" ckpt_path=auto hydra.run.dir={run_dir}")
 
 
 def test_ctrl_c_twice_stops_at_once_with_status_130_and_names_the_newest_checkpoint(tmp_path):

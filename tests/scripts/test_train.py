@@ -65,11 +65,8 @@ def run_script(*args: str, cwd) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_the_command_line(tmp_path):
+def test_the_command_line(tmp_path, finished_run):
     # Started together: each process spends most of its time importing torch and Lightning.
-    run_dir = tmp_path / "run"
-    with_bar = [o for o in QUICK if not o.startswith("trainer.enable_progress_bar")]  # the bar as configured
-    ok = run_script("+composite=sequential", *with_bar, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     missing = run_script(cwd=tmp_path)
     bogus = run_script("+composite=bogus", cwd=tmp_path)
     typo = run_script("+composite=sequential", "guard=rase", cwd=tmp_path)
@@ -84,10 +81,12 @@ def test_the_command_line(tmp_path):
     )
     results = {
         name: (p, *p.communicate(timeout=300))
-        for name, p in [("ok", ok), ("missing", missing), ("bogus", bogus), ("typo", typo), ("guard", guard)]
+        for name, p in [("missing", missing), ("bogus", bogus), ("typo", typo), ("guard", guard)]
     }
 
-    p, out, err = results["ok"]
+    # the run of "+composite=sequential" with QUICK's limits and the progress bar as configured
+    run_dir, ok = finished_run
+    p, out, err = ok, ok.stdout, ok.stderr
     assert p.returncode == 0, err
     assert "test/acc" in out and f"run directory: {run_dir}" in out
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composites import CompositeModule, Conditional, GradientFlowError, GradientGuardCallback, Parallel, Sequential
+from tests.processes import share_script
 
 ADAM = partial(torch.optim.Adam, lr=1e-3)
 
@@ -471,21 +472,22 @@ json.dump({"logged": logged, "seen": seen}, open(f"{sys.argv[1]}/rank{trainer.gl
 """
 
 
+share_script("ddp_validate", DDP_VALIDATE)  # run with the session's other 2-rank Lightning scripts
+
+
 @pytest.mark.slow
-def test_val_loss_and_metrics_under_ddp_are_the_global_sample_weighted_values_on_every_rank(tmp_path):
+def test_val_loss_and_metrics_under_ddp_are_the_global_sample_weighted_values_on_every_rank(shared_scripts):
     import json
 
-    from tests.processes import run_script
-
-    done = run_script(tmp_path / "ddp_validate.py", DDP_VALIDATE, str(tmp_path), timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    folder = shared_scripts("ddp_validate")
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
     seen = [row for rank in ranks for row in rank["seen"]]  # 21 samples over both ranks
     loss = sum(l * n for l, n, _ in seen) / sum(n for _, n, _ in seen)
     acc = sum(c for _, _, c in seen) / sum(n for _, n, _ in seen)
     for rank in ranks:
         assert rank["logged"] == pytest.approx({"val/loss": loss, "val/acc": acc}, rel=1e-6)
-    assert "sync_dist=True" not in done.stderr  # values are synced by torchmetrics, not left per rank
+    said = "".join((folder / f"stderr.rank{r}.txt").read_text() for r in (0, 1))
+    assert "sync_dist=True" not in said  # values are synced by torchmetrics, not left per rank
 
 
 def test_predict_step_returns_model_outputs():

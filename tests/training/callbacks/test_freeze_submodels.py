@@ -11,7 +11,7 @@ from torch import nn
 
 from composites import GradientFlowError
 from composites.training import FreezeSubmodels
-from tests.processes import run_script
+from tests.processes import share_script
 from tests.tiny_runs import fit, loader, model, module_for
 
 
@@ -140,11 +140,13 @@ torch.save({"initial": initial, "epochs": snapshots.weights}, f"{sys.argv[1]}/ra
 """
 
 
+share_script("ddp_freeze", DDP_FREEZE)  # run with the session's other 2-rank Lightning scripts
+
+
 @pytest.mark.slow
-def test_under_ddp_the_unfrozen_sub_model_trains_in_step_on_every_rank(tmp_path):
-    done = run_script(tmp_path / "ddp_freeze.py", DDP_FREEZE, str(tmp_path), timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+def test_under_ddp_the_unfrozen_sub_model_trains_in_step_on_every_rank(shared_scripts):
+    folder = shared_scripts("ddp_freeze")
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for rank in ranks:  # frozen in epoch 0 (DDP ran with the encoder unused), trained in epoch 1
         assert torch.equal(rank["epochs"][0], rank["initial"]) and not torch.equal(rank["epochs"][1], rank["initial"])
     # different samples on each rank, the same weights: the unfrozen encoder's gradients were all-reduced

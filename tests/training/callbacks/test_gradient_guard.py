@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from composites import CompositeModule, Conditional, GradientFlowError, GradientGuardCallback
 from composites.training import GUARD_MODES, GradNormPlot, GuardMode
+from tests.processes import share_script
 
 
 class Detached(nn.Module):
@@ -188,16 +189,17 @@ except GradientFlowError as error:
 """
 
 
+share_script("ddp_guard", DDP_SCRIPT)  # run with the session's other 2-rank Lightning scripts
+
+
 @pytest.mark.slow
-def test_under_lightning_ddp_a_routed_users_module_trains_and_a_cut_raises_on_rank_zero(tmp_path):
+def test_under_lightning_ddp_a_routed_users_module_trains_and_a_cut_raises_on_rank_zero(shared_scripts):
     import json
 
-    from tests.processes import run_script
-
-    done = run_script(tmp_path / "ddp_guard.py", DDP_SCRIPT, str(tmp_path), timeout=300)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == {"steps": 2, "ok": True, "inactive": ["experts.b.bias", "experts.b.weight"]}, done.stderr[-3000:]
+    folder = shared_scripts("ddp_guard")
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == {"steps": 2, "ok": True, "inactive": ["experts.b.bias", "experts.b.weight"]}
     assert ranks[1] == {"steps": 2, "ok": True, "inactive": ["experts.a.bias", "experts.a.weight"]}
-    raised = json.loads((tmp_path / "raised.json").read_text())
+    raised = json.loads((folder / "raised.json").read_text())
     # the parameters exactly; the cause is G1's to pin: single-process says "detached", Lightning DDP "unused" (reported)
     assert [parameter for parameter, _ in raised] == ["encoder.bias", "encoder.weight"]

@@ -1,0 +1,35 @@
+"""The one finished command-line run that several script tests read (each test that changes a run directory copies it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.scripts.train_helpers import QUICK, ROOT
+
+# QUICK with the progress bar as configured: off a terminal it must stay out of the output by itself.
+SHARED_RUN = ["+composite=sequential", *[o for o in QUICK if not o.startswith("trainer.enable_progress_bar")]]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``python scripts/train.py +composite=sequential`` of QUICK's size, run once: its run directory and its result.
+
+    A real process (most of it is importing torch and Lightning), so the tests that need a
+    finished run directory share it; one that writes into a run directory works on a copy.
+    """
+    cwd = tmp_path_factory.mktemp("finished_run")
+    run_dir = cwd / "run"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *SHARED_RUN, f"hydra.run.dir={run_dir}"],
+        cwd=cwd,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return run_dir, done
