@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from tests.processes import repository_env
 from tests.scripts.train_helpers import ROOT
 
 SCRIPT = str(ROOT / "scripts" / "train.py")
@@ -30,7 +31,7 @@ def start(run_dir, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, SCRIPT, *LONG, *extra, f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env={**repository_env(), **(env or {})},  # the repository importable: tests.scripts.signal_at
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -91,15 +92,14 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_say_how_to_resume_and_exit_non_zer
 
 
 def test_ctrl_c_twice_stops_at_once_with_status_130_and_names_the_newest_checkpoint(tmp_path):
-    process = start(tmp_path)
-    deadline = time.monotonic() + 180
-    while not (tmp_path / "checkpoints" / "last.ckpt").exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
-        time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.05)  # a person pressing twice
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=180)
+    # the second Ctrl-C comes before the step's end, where the first would be acted on
+    process = start(
+        tmp_path,
+        "+callbacks.stop._target_=tests.scripts.signal_at.SignalAt",
+        "+callbacks.stop.step=3",
+        "+callbacks.stop.signal_name=SIGINT-twice",
+    )
+    out, err = process.communicate(timeout=300)
     assert process.returncode == 130, err[-3000:]
     said = out + err
     assert "Traceback" not in said and "Detected KeyboardInterrupt" not in said

@@ -103,11 +103,15 @@ class TerminalProgressBase:
         bar = trainer.progress_bar_callback
         if bar is not None and not self.interactive:
             bar.disable()
-        if stage == "fit":
-            self.hold.install()
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.hold.install()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.hold.release()  # Lightning calls no teardown hook then: whatever was held is still said
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self.hold.release()  # a fit that ended on an error: whatever was held is still said
+        self.hold.release()
 
     # Lightning updates callback_metrics after every on_train_epoch_end hook: the line for an epoch
     # is written when the next one starts, or when training ends.
