@@ -31,7 +31,7 @@ train: $(STAMP)
 	$(PY) scripts/train.py +composite=parallel
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(DEV)
 	$(PY) -m pytest -q -m "not slow"

@@ -21,18 +21,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from benchmarks import Row, Settings, Timings, compared
+from benchmarks._ranks import TIMEOUT_S, spawn_ranks
 
-TIMEOUT_S = 600
 EXPERTS, WIDTH, HIDDEN, TOP_K, BATCH = 8, 64, 256, 2, 64
 
 
@@ -99,30 +97,8 @@ def _rank(rank: int, world: int, port: int, rounds: int, block: int, out: str) -
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _measure(world: int, rounds: int, block: int) -> dict | None:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rank0.json"
-        procs = mp.start_processes(
-            _rank, args=(world, _free_port(), rounds, block, str(out)), nprocs=world, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + TIMEOUT_S
-        while not out.exists() and time.monotonic() < deadline:
-            if any(p.exitcode not in (None, 0) for p in procs.processes):
-                break
-            time.sleep(0.2)
-        for p in procs.processes:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-        return json.loads(out.read_text()) if out.exists() else None
+    return spawn_ranks(_rank, world, (rounds, block))
 
 
 def _rows(world: int, result: dict | None) -> list[Row]:

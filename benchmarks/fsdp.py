@@ -14,25 +14,16 @@ import copy
 import json
 import math
 import os
-import socket
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from benchmarks import Row, Settings, Timings, compared, sequential_pair, train_step
+from benchmarks._ranks import TIMEOUT_S, spawn_ranks
 
 TARGET = 1.02  # as the single-process guard section's medium model: the check costs about 1%
-TIMEOUT_S = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, size: str, rounds: int, block: int, out: str) -> None:
@@ -84,23 +75,10 @@ def run(s: Settings) -> list[Row]:
     if s.quick:  # two spawned interpreters alone take ~30 s on a busy 2-core machine: not a smoke run
         return [Row("fsdp", "skipped: --quick (spawns two processes); run python -m benchmarks --only fsdp", math.nan)]
     size, rounds, block = "medium", 60, 3
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rank0.json"
-        procs = mp.start_processes(
-            _rank, args=(2, _free_port(), size, rounds, block, str(out)), nprocs=2, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + TIMEOUT_S
-        while not out.exists() and time.monotonic() < deadline:
-            if any(p.exitcode not in (None, 0) for p in procs.processes):
-                break
-            time.sleep(0.2)
-        for p in procs.processes:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-        if not out.exists():
-            return [Row("fsdp", f"skipped: the two gloo ranks did not finish within {TIMEOUT_S}s", float("nan"))]
-        t = Timings(json.loads(out.read_text()))
+    found = spawn_ranks(_rank, 2, (size, rounds, block))
+    if found is None:
+        return [Row("fsdp", f"skipped: the two gloo ranks did not finish within {TIMEOUT_S}s", float("nan"))]
+    t = Timings(found)
     note = f"2 gloo ranks x 1 thread, batch {sequential_pair(size)[2].shape[0]} per rank"
     name = f"Sequential {size}, FSDP2 x2: "
     return [

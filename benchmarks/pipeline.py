@@ -15,28 +15,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from benchmarks import Row, Settings
+from benchmarks._ranks import TIMEOUT_S, spawn_ranks
 
-TIMEOUT_S = 600
 WIDTH, LAYERS, BATCH = 512, 8, 64
 MICROBATCHES = (1, 4, 8)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Module:
@@ -113,25 +104,7 @@ def _rank(rank: int, world: int, port: int, rounds: int, device_type: str, out: 
 
 
 def _spawn(world: int, rounds: int, device_type: str) -> list[dict] | None:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "found.json"
-        procs = mp.start_processes(
-            _rank,
-            args=(world, _free_port(), rounds, device_type, str(out)),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + TIMEOUT_S
-        while not out.exists() and time.monotonic() < deadline:
-            if any(p.exitcode not in (None, 0) for p in procs.processes):
-                break
-            time.sleep(0.2)
-        for p in procs.processes:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-        return json.loads(out.read_text()) if out.exists() else None
+    return spawn_ranks(_rank, world, (rounds, device_type))
 
 
 def _rows(section: str, ranks: list[dict], world: int, note: str) -> list[Row]:

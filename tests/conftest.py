@@ -86,3 +86,21 @@ def shared_scripts(tmp_path_factory) -> Callable[[str], Any]:
         return out
 
     return ran
+
+
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): much of it waits on
+# spawned ranks and SLURM jobs. Tests in one group run on one worker, in order: the cluster tests
+# (their jobs share the one-machine cluster's CPUs), and the users of each session-wide run (run
+# once, not once per worker).
+SESSION_RUNS = ("shared_scripts", "finished_run")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/cluster/" in item.nodeid:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+            continue
+        for fixture in SESSION_RUNS:
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(fixture))
+                break

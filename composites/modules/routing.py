@@ -98,6 +98,44 @@ def dispatch_with_capacity(
     flat = chosen.reshape(-1)  # (batch * top_k,)
     hits = flat[:, None] == torch.arange(n, device=flat.device)  # (batch * top_k, branches)
     position = (hits.cumsum(0) - 1).gather(1, flat[:, None]).squeeze(1)  # rank within its branch
+    kept, slot_sample, slot_weight = capacity_slots(flat, weight, position, n, capacity, top_k)
+    padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])  # (batch + 1, ...)
+    chunks = padded[slot_sample].split(capacity)  # branches x (capacity, ...)
+    y = torch.cat([branch(chunk) for branch, chunk in zip(branches, chunks)])  # (branches * capacity, ...)
+    w = slot_weight.to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
+    out = y.new_zeros((batch + 1, *y.shape[1:])).index_add(0, slot_sample, y * w)[:batch]
+    return out, probs, chosen, (~kept).sum()
+
+
+def capacity_slots(
+    flat: Tensor, weight: Tensor, position: Tensor, n: int, capacity: int, top_k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fixed-capacity slots for the (sample, branch) pairs: which pairs fit, and each slot's sample and gate weight.
+
+    Branch ``e`` owns slots ``e * capacity ... (e + 1) * capacity - 1``; the pair at ``position``
+    in its branch fills slot ``branch * capacity + position`` when ``position < capacity``. A slot
+    nobody filled points at sample ``batch`` (a zero row the caller appends) with weight 0.
+
+    Args:
+        flat: each pair's branch, ``(batch * top_k,)``, pairs of one sample together.
+        weight: each pair's gate weight, ``(batch, top_k)``.
+        position: each pair's place in its branch, ``(batch * top_k,)``.
+        n: the number of branches.
+        capacity: slots per branch.
+        top_k: pairs per sample.
+
+    Returns:
+        ``(kept, slot_sample, slot_weight)``: which pairs fit ``(batch * top_k,)``, and per slot
+        its sample ``(n * capacity,)`` and gate weight ``(n * capacity,)``.
+
+    Example:
+        >>> import torch
+        >>> flat, position = torch.tensor([1, 1, 0]), torch.tensor([0, 1, 0])
+        >>> kept, sample, w = capacity_slots(flat, torch.ones(3, 1), position, n=2, capacity=1, top_k=1)
+        >>> kept.tolist(), sample.tolist()
+        ([True, False, True], [2, 0])
+    """
+    batch = flat.numel() // top_k
     kept = position < capacity
     overflow = n * capacity  # one spare slot collects every dropped pair, then is cut off
     slot = torch.where(kept, flat * capacity + position, overflow)
@@ -105,12 +143,7 @@ def dispatch_with_capacity(
     # slots nobody filled point at row `batch`: an appended zero row in, a discarded row out
     slot_sample = torch.full((overflow + 1,), batch, device=flat.device).scatter(0, slot, pair_sample)[:overflow]
     slot_weight = weight.new_zeros(overflow + 1).scatter(0, slot, weight.reshape(-1))[:overflow]
-    padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])  # (batch + 1, ...)
-    chunks = padded[slot_sample].split(capacity)  # branches x (capacity, ...)
-    y = torch.cat([branch(chunk) for branch, chunk in zip(branches, chunks)])  # (branches * capacity, ...)
-    w = slot_weight.to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
-    out = y.new_zeros((batch + 1, *y.shape[1:])).index_add(0, slot_sample, y * w)[:batch]
-    return out, probs, chosen, (~kept).sum()
+    return kept, slot_sample, slot_weight
 
 
 def load_balancing_loss(probs: Tensor, chosen: Tensor) -> Tensor:

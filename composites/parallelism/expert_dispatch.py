@@ -13,6 +13,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
+from ..modules.routing import capacity_slots
 from .expert_groups import ExpertGroups
 
 
@@ -162,13 +163,8 @@ def _dispatch_with_capacity(
     before = every[: groups.ep_rank].sum(0)  # (experts,): pairs of the ranks before this one
     # the position each pair has in its expert in the single-process model (earlier samples win)
     position = (hits.cumsum(0) - 1).gather(1, flat[:, None]).squeeze(1) + before[flat]
-    kept = position < capacity
-    overflow = n * capacity  # one spare slot collects every dropped pair, then is cut off
-    slot = torch.where(kept, flat * capacity + position, overflow)
-    pair_sample = torch.arange(batch * top_k, device=flat.device) // top_k
-    # slots this rank did not fill point at row `batch`: an appended zero row in, a discarded row out
-    slot_sample = torch.full((overflow + 1,), batch, device=flat.device).scatter(0, slot, pair_sample)[:overflow]
-    slot_weight = weight.new_zeros(overflow + 1).scatter(0, slot, weight.reshape(-1))[:overflow]
+    # slots this rank did not fill point at its appended zero row: it sends zeros there
+    kept, slot_sample, slot_weight = capacity_slots(flat, weight, position, n, capacity, top_k)
     padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])  # (batch + 1, ...)
     blocks = _a2a(padded[slot_sample], None, None, group)  # (ranks * per_rank * capacity, ...)
     # each slot was filled by at most one rank, the others sent zeros: the sum is the single-process slots
