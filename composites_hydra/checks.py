@@ -134,7 +134,7 @@ def _described(node: Any) -> str:
 # What build() passes to each node itself, and a class to name when a node has no _target_.
 _PASSED = {"module": ("model", "optimizer", "scheduler"), "trainer": ("callbacks", "logger")}
 _EXAMPLE_TARGETS = {
-    "data": "composites.presets.data.DigitsDataModule",
+    "data": "composites.presets.DigitsDataModule",
     "model": "composites.Sequential",
     "optimizer": "torch.optim.Adam",
     "module": "composites.CompositeModule",

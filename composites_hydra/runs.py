@@ -310,7 +310,7 @@ class KeepEarlierRuns(Callback):
         except Exception:  # an interpolation Hydra resolves later: nothing to compare yet
             return
         launch = detect_launch()
-        if launch is None and os.environ.get(DECIDED_RUN_DIR) == str(run_dir):
+        if launch is None and decided(run_dir):
             return  # started by Lightning's launcher for rank 0's run: rank 0 has decided
         timestamped = "${now:" in str(OmegaConf.to_container(config.hydra.run)["dir"])  # not chosen by the user
         decision = agree(

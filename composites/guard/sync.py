@@ -78,26 +78,32 @@ def reduce_flags(
     hold these same parameters (default: every rank).
     """
     n = len(params) if layout is None else layout.total
-    at = list(range(len(params))) if layout is None else layout.positions
+
+    def at(indices: set[int]) -> list[int]:  # this rank's indices -> positions in the flags
+        return list(indices) if layout is None else [layout.positions[i] for i in indices]
+
     device = params[0].device if params else torch.device("cpu")
     if dist.get_backend(group) == "gloo":
         device = torch.device("cpu")
     flags = torch.zeros(2 * n + 1, dtype=torch.uint8)
     if reached:
-        flags[[at[i] for i in reached]] = 1
+        flags[at(reached)] = 1
     if missing:
-        flags[[n + at[i] for i in missing]] = 1
+        flags[[n + i for i in at(missing)]] = 1
     flags[2 * n] = int(non_finite)
     flags = flags.to(device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     flags = flags.cpu()
-    index = torch.tensor(at, dtype=torch.long)
     reached_somewhere = flags[:n].bool()
     flagged = flags[n : 2 * n].bool() & ~reached_somewhere
-    if anywhere is not None:
-        anywhere.update(reached_somewhere[index].nonzero().flatten().tolist())
     # flagged_anywhere: a parameter only another rank holds may be the problem; every rank must know
-    return set(flagged[index].nonzero().flatten().tolist()), bool(flags[2 * n]), bool(flagged.any())
+    flagged_anywhere = bool(flagged.any())
+    if layout is not None:  # back to this rank's indices
+        index = torch.tensor(layout.positions, dtype=torch.long)
+        reached_somewhere, flagged = reached_somewhere[index], flagged[index]
+    if anywhere is not None:
+        anywhere.update(reached_somewhere.nonzero().flatten().tolist())
+    return set(flagged.nonzero().flatten().tolist()), bool(flags[2 * n]), flagged_anywhere
 
 
 def gather_problems(problems: list[Problem], group: Any = None) -> list[Problem]:

@@ -164,7 +164,7 @@ def _dispatch_with_capacity(
     # the position each pair has in its expert in the single-process model (earlier samples win)
     position = (hits.cumsum(0) - 1).gather(1, flat[:, None]).squeeze(1) + before[flat]
     # slots this rank did not fill point at its appended zero row: it sends zeros there
-    kept, slot_sample, slot_weight = capacity_slots(flat, weight, position, n, capacity, top_k)
+    _, slot_sample, slot_weight = capacity_slots(flat, weight, position, n, capacity, top_k)
     padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])  # (batch + 1, ...)
     blocks = _a2a(padded[slot_sample], None, None, group)  # (ranks * per_rank * capacity, ...)
     # each slot was filled by at most one rank, the others sent zeros: the sum is the single-process slots
@@ -174,5 +174,5 @@ def _dispatch_with_capacity(
     y = _a2a(y.expand(size, *y.shape).reshape(size * y.shape[0], *y.shape[1:]), None, None, group)
     w = slot_weight.to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
     out = y.new_zeros((batch + 1, *y.shape[1:])).index_add(0, slot_sample, y * w)[:batch]
-    dropped = funcol.wait_tensor(funcol.all_reduce((~kept).sum(), "sum", group))  # over every rank of the group
+    dropped = (every.sum(0) - capacity).clamp_min(0).sum()  # pairs past capacity over the group: no collective
     return out, probs, chosen, local, dropped, 2 * (size - 1) * per_rank * capacity

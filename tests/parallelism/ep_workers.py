@@ -140,7 +140,11 @@ def composed_case() -> dict:
         "loss": abs(float(mean_loss) / world - float(ref_loss.detach())),
         "params": max(float((full[k] - v).abs().max()) for k, v in reference.state_dict().items()),
         "same_keys": sorted(full) == sorted(reference.state_dict()),
-        "gate_grad": 0.0,
+        "gate_grad": max(
+            float((p.grad - reference.get_parameter(n).grad).abs().max())
+            for n, p in model.named_parameters()
+            if ".router." in n  # both gates: DDP averaged theirs, as the reference's mean loss does
+        ),
         "dropped": [None if m.capped.dropped is None else int(m.capped.dropped) for m in (model, reference)],
         "spread": [s.path for s in ep.sharded],
         "local_experts": sorted(n for n in model.both.moe.branch_names if hasattr(model.both.moe, n)),

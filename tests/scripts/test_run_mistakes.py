@@ -111,8 +111,10 @@ def test_a_resume_into_a_run_of_another_model_is_refused_naming_the_sub_models_a
 
 
 def test_a_mid_epoch_resume_with_another_training_seed_is_refused(stopped_run):
+    before = files(stopped_run)
     with pytest.raises(ConfigError, match=r"seed=1 \(the checkpoint's run had 0\).*\n  resume exactly: add seed=0"):
         train.train(compose_train(stopped_run, [*RUN, "ckpt_path=auto", "seed=1"]))
+    assert files(stopped_run) == before
 
 
 def test_a_run_that_starts_in_the_same_second_as_another_gets_its_own_directory(tmp_path):

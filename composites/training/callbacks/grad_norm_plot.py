@@ -11,6 +11,7 @@ from ...guard import submodel_grad_norms, submodel_names
 from ..epoch_logging import step_is_logged
 from ..packages import check_same_package
 from .gradient_guard import active_guard
+from .signal_checkpoint import StoppedAtOnce
 
 
 def _trainable_submodels(pl_module: nn.Module) -> list[str]:
@@ -111,7 +112,7 @@ class GradNormPlotBase:
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # a Ctrl-C (also one that came while the plot was drawn) asks to stop now, not to draw
-        if isinstance(exception, KeyboardInterrupt) or getattr(exception, "code", None) == 130:
+        if isinstance(exception, (KeyboardInterrupt, StoppedAtOnce)):
             return
         if self.history or self.problem_steps:
             self._save(trainer)

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ...parallelism import ExpertParallel, shard_experts
+from .prepare import cpu_state
 
 _SAVED = "expert_parallel"  # the key under which an optimizer state holds every rank's own
 
@@ -84,7 +85,7 @@ class ExpertParallelStrategyBase:
         module.load_state_dict(self.spread().local_state_dict(checkpoint["state_dict"], module), strict=strict)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        own = _on_cpu(super().optimizer_state(optimizer))  # unpickled on the sender's device otherwise
+        own = cpu_state(super().optimizer_state(optimizer))  # unpickled on the sender's device otherwise
         every: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(every, own)
         groups = self.expert_parallel.groups
@@ -112,13 +113,3 @@ class ExpertParallelStrategyBase:
                 )
             states.append(saved["ranks"][dist.get_rank()])
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
-
-
-def _on_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.cpu()
-    if isinstance(value, Mapping):
-        return {k: _on_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_cpu(v) for v in value)
-    return value

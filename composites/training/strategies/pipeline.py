@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ...parallelism.pipeline import Pipeline, pipeline_groups
 from ...parallelism.pipeline_split import stage_layout
+from .prepare import cpu_state
 
 
 class PipelineStrategyBase:
@@ -161,7 +162,7 @@ class PipelineStrategyBase:
         if self.pipeline is None:
             return own
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, {k: v.cpu() if isinstance(v, Tensor) else v for k, v in own.items()})
+        dist.all_gather_object(gathered, cpu_state(own))
         full: dict[str, Any] = {}
         for state in gathered:  # the stages in rank order: the last stage's metric states win
             full.update(state)
@@ -177,7 +178,7 @@ class PipelineStrategyBase:
         if self.pipeline is None:
             return own
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, _to_cpu(own))
+        dist.all_gather_object(gathered, cpu_state(own))
         return {"pipeline_ranks": gathered}
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -210,13 +211,3 @@ class _GradsBack:
                 grad.mul_(scale.to(grad.device, grad.dtype))
                 p.grad = grad if p.grad is None else p.grad.add_(grad)
         self.params, self.grads = [], []
-
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
-    return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -99,3 +100,17 @@ def configure_sharding(strategy: object, model: nn.Module, may_skip: Sequence[st
             "on a rank, which then reduce-scatters zeros for them so every rank runs the same collectives"
         )
     return summary
+
+
+def cpu_state(state: Any) -> Any:
+    """A nested state (an optimizer's ``state_dict``) with its tensors on the CPU, to gather over ranks.
+
+    Gathered objects unpickle on the device they were sent from; on the CPU every rank can read them.
+
+    >>> import torch
+    >>> cpu_state({"state": {0: {"step": torch.tensor(3.0)}}, "groups": [1]})["state"][0]["step"].device
+    device(type='cpu')
+    """
+    from lightning_fabric.utilities.apply_func import move_data_to_device  # Lightning: imported when used
+
+    return move_data_to_device(state, "cpu")
