@@ -95,6 +95,7 @@ def shared_scripts(tmp_path_factory) -> Callable[[str], Any]:
 SESSION_RUNS = ("shared_scripts", "finished_run")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/cluster/" in item.nodeid:
