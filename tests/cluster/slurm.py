@@ -95,7 +95,7 @@ def wait_for(job_id: str, states: set[str], timeout: float, release: bool = Fals
             return info
         if release and info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
-        time.sleep(0.5)
+        time.sleep(0.2)  # a requeued job waits for its release here: a long pause delays the next leg
     cancel(job_id)
     raise AssertionError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s: {job(job_id)}")
 

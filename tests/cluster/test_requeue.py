@@ -34,9 +34,9 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
 
 
 def submit(
-    tmp_path: Path, monkeypatch, epochs: int, batches: int, sleep_s: float, first_leg_only: bool = False
+    tmp_path: Path, monkeypatch, epochs: int, batches: int, sleep_s: float, sleepy_legs: int
 ) -> tuple[str, Path]:
-    """A 2-task job of ``epochs`` x ``batches`` steps (``sleep_s`` after each, maybe in the first leg only)."""
+    """A 2-task job of ``epochs`` x ``batches`` steps (``sleep_s`` after each in its first ``sleepy_legs`` legs)."""
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the job imports tests.cluster.step_marks
     overrides = [
         *TINY,
@@ -46,7 +46,7 @@ def submit(
         f"trainer.limit_train_batches={batches}",
         "+callbacks.marks._target_=tests.cluster.step_marks.StepMarks",
         f"+callbacks.marks.sleep_s={sleep_s}",
-        f"+callbacks.marks.first_leg_only={str(first_leg_only).lower()}",
+        f"+callbacks.marks.sleepy_legs={sleepy_legs}",  # the signalled legs; the last one runs at full speed
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     job_id = sbatch(cpu_options(tmp_path), SCRIPT, overrides)
@@ -59,7 +59,7 @@ def legs(log: str) -> list[str]:
 
 
 def test_a_job_requeued_mid_epoch_resumes_at_the_step_where_it_stopped(tmp_path, monkeypatch):
-    job_id, log_path = submit(tmp_path, monkeypatch, epochs=2, batches=20, sleep_s=0.2, first_leg_only=True)
+    job_id, log_path = submit(tmp_path, monkeypatch, epochs=2, batches=20, sleep_s=0.2, sleepy_legs=1)
     try:
         wait_for_text(log_path, r"^step 4$", timeout=180, job_id=job_id)
         requeue(job_id)  # SLURM sends SIGTERM, then queues the job again
@@ -83,7 +83,7 @@ def test_a_job_requeued_mid_epoch_resumes_at_the_step_where_it_stopped(tmp_path,
 def test_the_time_limit_signal_saves_requeues_and_resumes_three_times_without_a_hang(tmp_path, monkeypatch):
     # SIGUSR1 is what --signal=SIGUSR1@120 sends before the time limit, to every task; here it is
     # sent at a random moment of a running leg (mostly inside a step: forward, backward, all-reduce).
-    job_id, log_path = submit(tmp_path, monkeypatch, epochs=3, batches=30, sleep_s=0.02)
+    job_id, log_path = submit(tmp_path, monkeypatch, epochs=3, batches=30, sleep_s=0.02, sleepy_legs=3)
     rng = random.Random(0)
     pattern = r"SIGUSR1 received: checkpoint of step (\d+) saved"
     try:
