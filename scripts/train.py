@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import os
 from pathlib import Path
 
 import hydra
@@ -73,7 +74,14 @@ def _exit_without_collecting() -> None:
     over (a stopped DDP rank took that long to exit). ``gc.freeze`` at exit leaves the heap out of
     those passes; objects are still released and finalised as their references go.
     Idempotent: a local ``-m`` sweep calls ``main`` once per run in the same process.
+
+    Not in a rank that Lightning's own launcher started (``LOCAL_RANK`` > 0): that launcher
+    SIGKILLs rank 0 when a child exits non-zero while rank 0 still runs, and after a signal's
+    stop (exit 143 on every rank) rank 0 still draws its plot; a child that exits at once would
+    land in that window.
     """
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
 
