@@ -59,6 +59,9 @@ def test_a_submitit_job_that_times_out_saves_is_requeued_by_submitit_and_resumes
         stopped = int(saved.group(1))
         assert 4 <= stopped < 20  # in the middle of the first epoch
         wait_for_text(log_path, r"submitit requeues the job", timeout=30)
+        # submitit logs this once its scontrol requeue returned: from then on RUNNING is the next leg's (a
+        # look before it could still see the first leg running, and the job would sit out its BeginTime)
+        wait_for_text(log_path, r"Requeued job", timeout=30)
         wait_for(job_id, {"RUNNING", "COMPLETED"}, timeout=300, release=True)  # after the requeue
         assert launcher.wait(timeout=300) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
     finally:
