@@ -30,53 +30,63 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from tests.processes import free_port, spawn_until_written
 
 TIMEOUT_S = 420  # every scenario, one after the other, on a busy 2-core machine; a hang fails here
-COLLECTIVE_TIMEOUT_S = 90  # a rank waiting longer in one collective (its peer raised or hung) gives the scenario up
+COLLECTIVE_TIMEOUT_S = 90  # a rank waiting longer in one collective of the world (its peer raised) gives up
 SHARED = pytest.mark.xdist_group("gloo_ranks")  # the tests reading results: one worker, so one spawn
 
-SCENARIOS: dict[str, tuple[int, str, tuple]] = {}  # name -> (world size, "module:function", arguments)
+SCENARIOS: dict[
+    str, tuple[int, str, tuple, str | None]
+] = {}  # name -> (world size, "module:function", arguments, folder)
 _RUN: dict[str, Any] = {}  # the session's spawn, once it ran: its folder and why it stopped early (or None)
 
 
-def scenario(name: str, world: int, target: str, *args: Any) -> str:
+def scenario(name: str, world: int, target: str, *args: Any, folder: str | None = None) -> str:
     """Register ``target`` ("module:function", called with ``args`` on each of ``world`` ranks) as ``name``.
 
     The function runs inside a default process group of ``world`` ranks and returns what the
-    test reads (anything ``json`` writes). Test modules register at import, so the session's
-    spawn knows every scenario before the first test asks. Returns ``name``.
+    test reads (anything ``json`` writes). With ``folder``, it gets that folder of the run (made
+    before the ranks start, shared by the scenarios that name it) as its first argument; the
+    test finds it with :func:`folder`. Test modules register at import, so the session's spawn
+    knows every scenario before the first test asks. Returns ``name``.
     """
-    SCENARIOS[name] = (world, target, args)
+    SCENARIOS[name] = (world, target, args, folder)
     return name
 
 
-def run(rank: int, ranks: int, port: int, folder: str, scenarios: list[tuple[str, int, str, tuple]]) -> None:
+def run(
+    rank: int, ranks: int, port: int, run_folder: str, scenarios: list[tuple[str, int, str, tuple, str | None]]
+) -> None:
     """One spawned rank: each scenario of a world above this rank, in a fresh process group, its result to a file."""
-    import torch
-    import torch.distributed as dist
-
     faulthandler.dump_traceback_later(TIMEOUT_S - 20, exit=True)  # a hung rank prints where it hangs, then exits
     torch.set_num_threads(1)
-    timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    store = dist.TCPStore("127.0.0.1", port, ranks, rank == 0, timeout=timeout)  # rank 0 serves; every group meets here
-    for index, (name, world, target, args) in enumerate(scenarios):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # where the groups meet, as torchrun would say
+    collective = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", port, ranks, rank == 0, timeout=timedelta(seconds=TIMEOUT_S))  # rank 0 serves
+    for index, (name, world, target, args, own_folder) in enumerate(scenarios):
         if rank >= world:
             continue
+        # every rank of the scenario is here (one that gave the last one up first waits for the others): a fresh group
+        store.set(f"arrived/{index}/{rank}", "")
+        store.wait([f"arrived/{index}/{peer}" for peer in range(world)], timedelta(seconds=TIMEOUT_S))
         try:
-            module, function = target.split(":")
-            call = getattr(importlib.import_module(module), function)  # a rank imports only what its scenarios use
             group_store = dist.PrefixStore(str(index), store)
-            dist.init_process_group("gloo", store=group_store, rank=rank, world_size=world, timeout=timeout)
+            dist.init_process_group("gloo", store=group_store, rank=rank, world_size=world, timeout=collective)
             try:
-                written = {"result": call(*args)}
+                module, function = target.split(":")
+                call = getattr(importlib.import_module(module), function)  # a rank imports only what it runs
+                lead = () if own_folder is None else (str(Path(run_folder, own_folder)),)
+                written = {"result": call(*lead, *args)}
             finally:
                 gc.collect()  # DDP and pipeline objects die while their process group is alive
                 dist.destroy_process_group()
         except Exception:
             written = {"error": traceback.format_exc()}
-        path = Path(folder, f"{name}.rank{rank}.json")
+        path = Path(run_folder, f"{name}.rank{rank}.json")
         path.with_suffix(".tmp").write_text(json.dumps(written))
         os.replace(path.with_suffix(".tmp"), path)  # the reader never sees half a file
 
@@ -84,30 +94,35 @@ def run(rank: int, ranks: int, port: int, folder: str, scenarios: list[tuple[str
 def outcome(name: str) -> list[Any]:
     """Each rank's result of scenario ``name`` (index = rank); the session's spawn runs on the first call.
 
-    Fails the calling test, naming the scenario, when a rank raised (with its traceback) or wrote
-    nothing in time (with why the spawn stopped).
+    Fails the calling test, naming the scenario, when a rank raised (with every rank's traceback)
+    or wrote nothing in time (with why the spawn stopped).
     """
     if not _RUN:
         _RUN.update(spawn())
     world = SCENARIOS[name][0]
-    results = []
+    written = {}
     for rank in range(world):
         path = Path(_RUN["folder"], f"{name}.rank{rank}.json")
-        if not path.exists():
-            pytest.fail(f"gloo scenario {name!r}: rank {rank} wrote no result ({_RUN['failed']})")
-        written = json.loads(path.read_text())
-        if "error" in written:
-            pytest.fail(f"gloo scenario {name!r} raised on rank {rank}:\n{written['error']}")
-        results.append(written["result"])
-    return results
+        written[rank] = json.loads(path.read_text()) if path.exists() else {"error": f"no result ({_RUN['failed']})"}
+    errors = [f"rank {rank}: {said['error']}" for rank, said in written.items() if "error" in said]
+    if errors:  # every rank's, for the one whose peer raised says only that its peer went away
+        pytest.fail(f"gloo scenario {name!r} failed on {len(errors)} of {world} ranks:\n" + "\n".join(errors))
+    return [written[rank]["result"] for rank in range(world)]
+
+
+def folder(name: str) -> Path:
+    """The folder of the run that scenario ``name`` wrote into (after :func:`outcome` of a scenario)."""
+    return Path(_RUN["folder"], SCENARIOS[name][3])
 
 
 def spawn() -> dict[str, Any]:
     """Spawn the ranks of the largest world once; run every registered scenario, largest world first."""
-    folder = tempfile.mkdtemp(prefix="gloo_ranks-")
+    run_folder = tempfile.mkdtemp(prefix="gloo_ranks-")
     order = sorted(SCENARIOS.items(), key=lambda item: -item[1][0])  # stable: registration order within a size
-    scenarios = [(name, world, target, args) for name, (world, target, args) in order]
-    ranks = max(world for _, world, _, _ in scenarios)
-    paths = [Path(folder, f"{name}.rank{rank}.json") for name, world, _, _ in scenarios for rank in range(world)]
-    failed = spawn_until_written(run, (ranks, free_port(), folder, scenarios), paths, TIMEOUT_S, nprocs=ranks)
-    return {"folder": folder, "failed": failed}
+    scenarios = [(name, *registered) for name, registered in order]
+    for own_folder in {registered[3] for registered in SCENARIOS.values()} - {None}:
+        Path(run_folder, own_folder).mkdir()
+    ranks = max(world for world, *_ in SCENARIOS.values())
+    paths = [Path(run_folder, f"{name}.rank{rank}.json") for name, (world, *_) in order for rank in range(world)]
+    failed = spawn_until_written(run, (ranks, free_port(), run_folder, scenarios), paths, TIMEOUT_S, nprocs=ranks)
+    return {"folder": run_folder, "failed": failed}
