@@ -39,9 +39,8 @@ TIMEOUT_S = 420  # every scenario, one after the other, on a busy 2-core machine
 COLLECTIVE_TIMEOUT_S = 90  # a rank waiting longer in one collective of the world (its peer raised) gives up
 SHARED = pytest.mark.xdist_group("gloo_ranks")  # the tests reading results: one worker, so one spawn
 
-SCENARIOS: dict[
-    str, tuple[int, str, tuple, str | None]
-] = {}  # name -> (world size, "module:function", arguments, folder)
+# name -> (world size, "module:function", arguments, folder), in the order the test modules registered them
+SCENARIOS: dict[str, tuple[int, str, tuple, str | None]] = {}
 _RUN: dict[str, Any] = {}  # the session's spawn, once it ran: its folder and why it stopped early (or None)
 
 
@@ -54,6 +53,10 @@ def scenario(name: str, world: int, target: str, *args: Any, folder: str | None 
     test finds it with :func:`folder`. Test modules register at import, so the session's spawn
     knows every scenario before the first test asks. Returns ``name``.
     """
+    if SCENARIOS.get(name, (world, target, args, folder)) != (world, target, args, folder):
+        raise ValueError(
+            f"gloo scenario {name!r} is registered already as {SCENARIOS[name]}: give this one another name"
+        )
     SCENARIOS[name] = (world, target, args, folder)
     return name
 
@@ -61,7 +64,12 @@ def scenario(name: str, world: int, target: str, *args: Any, folder: str | None 
 def run(
     rank: int, ranks: int, port: int, run_folder: str, scenarios: list[tuple[str, int, str, tuple, str | None]]
 ) -> None:
-    """One spawned rank: each scenario of a world above this rank, in a fresh process group, its result to a file."""
+    """One spawned rank: each scenario of a world above this rank, in a fresh process group, its result to a file.
+
+    Each file is written from this thread before the next scenario, not through a multiprocessing
+    queue: a queue's feeder thread can be starved by a C++ destructor that holds the GIL, and the
+    result would be lost although the rank reached it.
+    """
     faulthandler.dump_traceback_later(TIMEOUT_S - 20, exit=True)  # a hung rank prints where it hangs, then exits
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # where the groups meet, as torchrun would say
