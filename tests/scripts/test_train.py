@@ -82,7 +82,7 @@ def imports_and_rest(err: str) -> tuple[set[str], str]:
 
 @pytest.mark.slow
 def test_the_command_line(tmp_path, finished_run):
-    # Started together: each process spends most of its time importing torch and Lightning.
+    # Started together: each process spends most of its time importing torch (and the guard run Lightning).
     # The three mistakes exit before Lightning, torchmetrics or Dynamo load (seconds of imports).
     missing = run_script(cwd=tmp_path, python=IMPORTS)
     bogus = run_script("+composite=bogus", cwd=tmp_path, python=IMPORTS)
