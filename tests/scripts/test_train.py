@@ -82,30 +82,23 @@ def imports_and_rest(err: str) -> tuple[set[str], str]:
 
 @pytest.mark.slow
 def test_the_command_line(tmp_path, finished_run):
-    # Started together: each process spends most of its time importing torch (and the guard run Lightning).
-    # The three mistakes exit before Lightning, torchmetrics or Dynamo load (seconds of imports).
+    # Started together: each process spends most of its time importing torch. The three mistakes
+    # exit before Lightning, torchmetrics or Dynamo load (seconds of imports).
     missing = run_script(cwd=tmp_path, python=IMPORTS)
     bogus = run_script("+composite=bogus", cwd=tmp_path, python=IMPORTS)
     typo = run_script("+composite=sequential", "guard=rase", cwd=tmp_path, python=IMPORTS)
-    guard_dir = tmp_path / "guard"  # the guard's options from the command line, as the docs write them
-    guard = run_script(
-        "+composite=conditional",
-        "module.guard.may_skip=[experts.*]",
-        "guard=warn",
-        *QUICK,
-        f"hydra.run.dir={guard_dir}",
-        cwd=tmp_path,
-    )
     results = {
-        name: (p, *p.communicate(timeout=300))
-        for name, p in [("missing", missing), ("bogus", bogus), ("typo", typo), ("guard", guard)]
+        name: (p, *p.communicate(timeout=300)) for name, p in [("missing", missing), ("bogus", bogus), ("typo", typo)]
     }
 
-    # the run of "+composite=sequential" with QUICK's limits and the progress bar as configured
+    # the run of SHARED_RUN: QUICK's limits, the progress bar as configured, the guard's options as the docs write them
     run_dir, ok = finished_run
     p, out, err = ok, ok.stdout, ok.stderr
     assert p.returncode == 0, err
     assert "test/acc" in out and f"run directory: {run_dir}" in out
+    ran = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml").module.guard, resolve=True)
+    assert (ran["mode"], ran["may_skip"]) == ("warn", ["experts.*"])
+    assert "gradient guard (guard='warn'" not in out + err  # a healthy run: under warn the guard had nothing to say
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     # off a terminal: no progress-bar flood, one line per epoch, Lightning's log in train.log, none of its noise
     said = out + err
@@ -133,11 +126,6 @@ def test_the_command_line(tmp_path, finished_run):
     p, out, err = results["typo"]
     assert p.returncode == 1
     assert "Invalid value 'rase', expected one of [raise, warn, off]\n    full_key: guard" in err
-
-    p, out, err = results["guard"]
-    assert p.returncode == 0, err
-    ran = OmegaConf.to_container(OmegaConf.load(guard_dir / ".hydra" / "config.yaml").module.guard, resolve=True)
-    assert (ran["mode"], ran["may_skip"]) == ("warn", ["experts.*"]) and "test/acc" in out
 
 
 def test_last_ckpt_follows_the_newest_epoch_even_when_the_metric_does_not_improve(tmp_path):
