@@ -57,19 +57,36 @@ def test_resume_from_last_ckpt_continues_at_the_same_global_step(tmp_path):
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
-def run_script(*args: str, cwd) -> subprocess.Popen:
+def run_script(*args: str, cwd, python: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.Popen(
-        [sys.executable, SCRIPT, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, *python, SCRIPT, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+
+
+IMPORTS = ("-X", "importtime")  # Python lists each module it imports on stderr, "import time: ... | name"
+HEAVY = {"pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics", "torch._dynamo"}
+
+
+def imports_and_rest(err: str) -> tuple[set[str], str]:
+    """The modules a ``-X importtime`` run imported, and its stderr without those lines."""
+    timed = [line for line in err.splitlines(keepends=True) if line.startswith("import time:")]
+    rest = "".join(line for line in err.splitlines(keepends=True) if not line.startswith("import time:"))
+    return {line.rsplit("|", 1)[1].strip() for line in timed}, rest
 
 
 @pytest.mark.slow
 def test_the_command_line(tmp_path, finished_run):
-    # Started together: each process spends most of its time importing torch and Lightning.
-    missing = run_script(cwd=tmp_path)
-    bogus = run_script("+composite=bogus", cwd=tmp_path)
-    typo = run_script("+composite=sequential", "guard=rase", cwd=tmp_path)
+    # Started together: each process spends most of its time importing torch. The three mistakes
+    # exit before Lightning, torchmetrics or Dynamo load (seconds of imports).
+    missing = run_script(cwd=tmp_path, python=IMPORTS)
+    bogus = run_script("+composite=bogus", cwd=tmp_path, python=IMPORTS)
+    typo = run_script("+composite=sequential", "guard=rase", cwd=tmp_path, python=IMPORTS)
     results = {
         name: (p, *p.communicate(timeout=300)) for name, p in [("missing", missing), ("bogus", bogus), ("typo", typo)]
     }
@@ -90,6 +107,13 @@ def test_the_command_line(tmp_path, finished_run):
     assert [n for n in noise if n in said] == []
     log = (run_dir / "train.log").read_text()
     assert "`Trainer.fit` stopped: `max_epochs=1` reached." in log and "Epoch 0/0  step 3  " in log
+
+    for name in ("missing", "bogus", "typo"):
+        p, out, err = results[name]
+        imported, err = imports_and_rest(err)
+        results[name] = p, out, err
+        assert {"hydra", "torch", "composites_hydra.schema"} <= imported, name  # the listing was read
+        assert imported & HEAVY == set(), name
 
     p, out, err = results["missing"]
     assert p.returncode == 1
