@@ -4,7 +4,7 @@ It lives apart from ``composites`` (which never imports Hydra) and is installed 
 job that unpickles a config on a cluster node (Hydra's submitit launcher) can import the schema.
 """
 
-from .build import available_composites, build, build_node
+from .build import available_composites, build, build_node, check_composite
 from .errors import ConfigError, NoCompositeError
 from .runs import KeepEarlierRuns, keep_earlier_csv_logs, refuse_to_overwrite, resume_command, resume_path
 from .schema import TrainConfig, register_configs
@@ -17,6 +17,7 @@ __all__ = [
     "available_composites",
     "build",
     "build_node",
+    "check_composite",
     "keep_earlier_csv_logs",
     "refuse_to_overwrite",
     "register_configs",

@@ -37,6 +37,30 @@ def available_composites() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "composite").glob("*.yaml"))
 
 
+def check_composite(cfg: DictConfig) -> None:
+    """Refuse a config in which no composite was chosen (``cfg.model`` left unset), naming the choices.
+
+    :func:`build` checks it first; the scripts check it before they import Lightning, so the
+    commonest mistake (no ``+composite=``) exits at once.
+
+    >>> check_composite(OmegaConf.create({"model": "???"}))
+    Traceback (most recent call last):
+      ...
+    composites_hydra.errors.NoCompositeError: no composite chosen: add +composite=NAME, one of: conditional, parallel, sequential
+      e.g. python scripts/train.py +composite=conditional
+
+    Raises:
+        NoCompositeError: no composite was chosen.
+    """
+    if OmegaConf.is_missing(cfg, "model"):
+        choices = available_composites()
+        raise NoCompositeError(
+            "no composite chosen: add +composite=NAME, one of: "
+            + ", ".join(choices)
+            + (f"\n  e.g. python scripts/train.py +composite={choices[0]}" if choices else "")
+        )
+
+
 def build_node(node: Any, **kwargs: Any) -> Any:
     """Instantiate one config node; plain dicts and lists reach the objects.
 
@@ -55,13 +79,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
         NoCompositeError: ``cfg.model`` is not set because no composite was chosen.
         ConfigError: a top-level key the schema does not know was added with ``+``.
     """
-    if OmegaConf.is_missing(cfg, "model"):
-        choices = available_composites()
-        raise NoCompositeError(
-            "no composite chosen: add +composite=NAME, one of: "
-            + ", ".join(choices)
-            + (f"\n  e.g. python scripts/train.py +composite={choices[0]}" if choices else "")
-        )
+    check_composite(cfg)
     # `+key=value` adds keys even to a structured config; at the top level that is a typo.
     unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:

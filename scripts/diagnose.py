@@ -21,7 +21,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from composites_hydra import ConfigError, build, register_configs
+from composites_hydra import ConfigError, build, check_composite, register_configs
 
 register_configs()
 
@@ -34,6 +34,7 @@ def diagnose(cfg: DictConfig) -> int:
     Raises:
         NoCompositeError: no ``+composite=NAME`` was given.
     """
+    check_composite(cfg)  # before Lightning loads (seconds): the commonest mistake exits at once
     import pytorch_lightning as pl
 
     from composites.guard import format_table

@@ -18,10 +18,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from composites.training.callbacks.signal_checkpoint import SignalCheckpointBase
 from composites.training.logs import quiet_lightning, route_lightning_logs
 from composites.views import text_table
-from composites_hydra import ConfigError, build, register_configs, resume_command, resume_path
+from composites_hydra import ConfigError, build, check_composite, register_configs, resume_command, resume_path
 from composites_hydra.checks import check_seed
 from composites_hydra.ranks import stop_together
 
@@ -38,10 +37,13 @@ def train(cfg: DictConfig) -> float:
     The monitored value (``cfg.monitor``, ``val/acc`` by default) is what a ``-m`` sweep
     compares: a validation score, so the test split stays untouched by model selection.
     """
-    import pytorch_lightning as pl
+    check_composite(cfg)  # before Lightning loads (seconds): the commonest mistake exits at once
+    check_seed(cfg.seed)  # seeding comes before build(), which checks the rest
+    import pytorch_lightning as pl  # here, not at import: a mistake Hydra reports while composing exits without it
+
+    from composites.training.callbacks.signal_checkpoint import SignalCheckpointBase
 
     quiet_lightning()  # before the Trainer is built: its tips and hints come then
-    check_seed(cfg.seed)  # seeding comes before build(), which checks the rest
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     for callback in trainer.callbacks:  # a signal's message names the command that resumes this run

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests import ROOT
-from tests.processes import SHARED_SCRIPTS, run_shared_scripts
+from tests.docs_blocks import Command, blocks, commands
+from tests.processes import SHARED_SCRIPTS, repository_env, run_shared_scripts
 
 
 @pytest.fixture
@@ -88,11 +90,53 @@ def shared_scripts(tmp_path_factory) -> Callable[[str], Any]:
     return ran
 
 
+# The README's sweep: its Hydra example, a sweep through train.py, the guard's options and the
+# sweep table. Appended to it: a few batches, no PNG (matplotlib is slow to import); the progress
+# bar stays as configured (off a terminal it keeps out of the output by itself).
+README_SWEEP = ("python", "scripts/train.py", "-m")  # the command's first words
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "~callbacks.gradient_plot",
+]
+
+
+@pytest.fixture(scope="session")
+def documented_sweep(tmp_path_factory) -> tuple[Command, Path, subprocess.CompletedProcess]:
+    """The README's ``-m`` sweep run end to end once, with ``FAST`` appended: the command, its sweep directory, its result.
+
+    A fresh interpreter with Lightning is the dearest check there is, so one run serves two tests:
+    tests/test_docs.py (the command runs as documented) and tests/composites_hydra/test_run_output.py
+    (the sweep's table, its summary.csv and each job's train.log).
+    """
+    found = [
+        c
+        for b in blocks(ROOT / "README.md")
+        if b.language == "bash"
+        for c in commands(b)
+        if c.words[: len(README_SWEEP)] == README_SWEEP
+    ]
+    if len(found) != 1:
+        pytest.fail(f"the README shows {len(found)} commands starting {' '.join(README_SWEEP)}, not one: {found}")
+    cwd = tmp_path_factory.mktemp("documented_sweep")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / found[0].words[1]), *found[0].words[2:], *FAST, "hydra.sweep.dir=sweep"],
+        cwd=cwd,
+        env=repository_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return found[0], cwd / "sweep", done
+
+
 # `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): much of it waits on
 # spawned ranks and SLURM jobs. Tests in one group run on one worker, in order: the cluster tests
 # (their jobs share the one-machine cluster's CPUs), and the users of each session-wide run (run
 # once, not once per worker).
-SESSION_RUNS = ("shared_scripts", "finished_run")
+SESSION_RUNS = ("shared_scripts", "finished_run", "documented_sweep")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids

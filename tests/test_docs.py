@@ -8,7 +8,7 @@
   groups built; ``make X`` must be a Makefile
   target; ``python -m benchmarks`` arguments go through the benchmarks' own parser; scripts and
   paths must exist. A command with no checker fails: add one here.
-- Representative commands (``END_TO_END``) run end to end, one subprocess each, with fast overrides.
+- The README's sweep runs end to end, in one subprocess, with fast overrides (``documented_sweep``).
 - ```yaml blocks parse, and each ``_target_`` in them can be imported.
 - The only way out for a block is ``<!-- docs-test: needs cuda -->`` on the line before its
   fence (code a CPU-only machine cannot run at all); it runs wherever CUDA is.
@@ -20,8 +20,6 @@ import doctest
 import importlib.util
 import itertools
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,7 +37,6 @@ from composites_hydra import build, register_configs
 from composites_hydra.build import CONFIG_DIR
 from tests import ROOT
 from tests.docs_blocks import LANGUAGES, NEEDS, PAGES, Block, Command, anchors, blocks, commands, links, table_column
-from tests.processes import repository_env
 
 README = ROOT / "README.md"
 MAKE_TARGETS = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
@@ -47,21 +44,6 @@ ALL_BLOCKS = [b for page in PAGES for b in blocks(page)]
 PYTHON_PAGES = [page for page in PAGES if any(b.language == "python" for b in blocks(page))]
 COMMANDS = [c for b in ALL_BLOCKS if b.language == "bash" for c in commands(b)]
 MAX_MARKED = 2  # blocks that may sit out a CPU-only run, over all pages
-
-# Run end to end (page, the command's first words): the README's Hydra example, a sweep, which goes
-# through train.py, the guard's YAML options and the sweep table. A fresh interpreter with Lightning
-# is by far the dearest check here, so one; tests/scripts/ run the scripts end to end otherwise.
-END_TO_END = [
-    ("README.md", ("python", "scripts/train.py", "-m", "+composite=conditional")),
-]
-FAST = [  # appended to an end-to-end command: a few batches, no progress bar, no PNG (matplotlib is slow to import)
-    "trainer.enable_progress_bar=false",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "~callbacks.gradient_plot",
-]
 
 
 def page_id(page: Path) -> str:
@@ -352,40 +334,17 @@ def test_bash_command_is_what_the_repository_runs(command, tmp_path, monkeypatch
 # --- end to end ---------------------------------------------------------------------------------
 
 
-def start(words: tuple[str, ...], tmp_path: Path) -> subprocess.Popen:
-    """A documented train.py command in a fresh interpreter, in its own directory, with fast overrides."""
-    run_dir = ["hydra.sweep.dir=sweep"] if "-m" in words else ["hydra.run.dir=run"]
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / words[1]), *words[2:], *FAST, *run_dir],
-        cwd=tmp_path,
-        env=repository_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 @pytest.mark.slow
-def test_representative_commands_run_end_to_end(tmp_path):
-    chosen = [
-        c
-        for c in COMMANDS
-        for page, head in END_TO_END
-        if page_id(c.block.page) == page and c.words[: len(head)] == head
-    ]
-    assert len(chosen) == len(END_TO_END), "a command END_TO_END names left the docs"
-    runs = []
-    for number, command in enumerate(chosen):
-        (tmp_path / str(number)).mkdir()
-        runs.append((command, start(command.words, tmp_path / str(number))))
-    for command, process in runs:
-        out, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, f"{command.where}: `{command}` failed:\n{out[-4000:]}"
-        assert "test/acc" in out, out[-4000:]
-        if "-m" in command.words:  # a sweep ends with its table: one ok row per point
-            points = len(sweep_points(split_train_args(list(command.words[2:]), command.where)[1]))
-            assert f"sweep of {points} runs" in out, out[-4000:]
-            assert len(re.findall(r"^\d+ .* ok$", out, flags=re.M)) == points, out[-4000:]
+def test_representative_commands_run_end_to_end(documented_sweep):
+    # One fresh interpreter with Lightning, shared with test_run_output (tests/conftest.py); the
+    # scripts' tests in tests/scripts/ run the scripts end to end otherwise.
+    command, _, done = documented_sweep
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, f"{command.where}: `{command}` failed:\n{out[-4000:]}"
+    assert "test/acc" in out, out[-4000:]
+    points = len(sweep_points(split_train_args(list(command.words[2:]), command.where)[1]))  # one ok row per point
+    assert points > 1 and f"sweep of {points} runs" in out, out[-4000:]
+    assert len(re.findall(r"^\d+ .* ok$", out, flags=re.M)) == points, out[-4000:]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..modules.compiler_disable import compiler_disable
+
 
 class Dropped:
     """What a copied or unpickled model holds in place of a guard's hook: it records nothing."""
@@ -75,7 +77,7 @@ class EagerRandom:
             config.fallback_random = self.saved.pop()
 
 
-@torch.compiler.disable
+@compiler_disable()
 def _record(recorder: Recorder, module: nn.Module, args: tuple, kwargs: dict) -> None:
     """The model's own call recorded while Dynamo traces it: run eagerly, so Dynamo neither traces
     the recording nor fails on it (one graph break, before the model's graph). The graphs compiled
@@ -87,7 +89,7 @@ def _record(recorder: Recorder, module: nn.Module, args: tuple, kwargs: dict) ->
         guard.record_call(module, args, kwargs)
 
 
-@torch.compiler.disable
+@compiler_disable()
 def _returned(random: EagerRandom) -> None:
     """The compiled model's call returned: run eagerly (one graph break, after the model's graph)."""
     random.exit()

@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .compiler_disable import compiler_disable
+
 
 def dispatch_top_k(
     branches: Sequence[Callable[[Tensor], Tensor]], scores: Tensor, x: Tensor, top_k: int
@@ -45,7 +47,7 @@ def dispatch_top_k(
 # Left out of the trace, the router before it still compiles into one graph, the dispatch
 # runs eagerly (one graph break, no recompiles), and recursive=False lets a branch the
 # user compiled itself (torch.compile(expert, dynamic=True)) run compiled inside it.
-@torch.compiler.disable(recursive=False)
+@compiler_disable(recursive=False)  # torch.compiler.disable's, without importing Dynamo with composites
 def _dispatch(
     branches: Sequence[Callable[[Tensor], Tensor]], scores: Tensor, x: Tensor, top_k: int
 ) -> tuple[Tensor, Tensor, Tensor, list[int]]:

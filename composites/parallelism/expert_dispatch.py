@@ -13,6 +13,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
+from ..modules.compiler_disable import compiler_disable
 from ..modules.routing import capacity_slots
 from .expert_groups import ExpertGroups
 
@@ -93,7 +94,7 @@ def _keep_in_graph(y: Tensor, received: Tensor) -> Tensor:
 
 # as the single-process dispatch: its chunk sizes are data (a host read), so under torch.compile
 # it runs eagerly (one graph break, no recompile per set of counts)
-@torch.compiler.disable(recursive=False)
+@compiler_disable(recursive=False)
 def _dispatch_sized(
     experts: Sequence[Callable[[Tensor], Tensor]],
     local: Sequence[str],

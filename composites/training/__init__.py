@@ -7,8 +7,8 @@ written once as a base class and declared per package in :mod:`.pytorch_lightnin
 on first use: importing this package imports no Lightning.
 """
 
-from .callbacks.gradient_guard import GUARD_MODES, GuardMode
 from .callbacks.non_finite import NonFiniteCheckpointError, NonFiniteStepsError
+from .guard_modes import GUARD_MODES, GuardMode
 from .logs import quiet_lightning, route_lightning_logs
 from .packages import LIGHTNING_CLASSES, lightning_api, package_of
 from .resumable_loader import ResumableLoader

@@ -16,8 +16,9 @@ from torchmetrics import Metric, MetricCollection
 
 from ..guard import GradientGuard, GuardReport
 from ..modules import Conditional
-from .callbacks.gradient_guard import GradientGuardCallbackBase, GuardMode
+from .callbacks.gradient_guard import GradientGuardCallbackBase
 from .epoch_logging import epoch_means, log_epoch, reset_epoch, stage_metrics, step_is_logged
+from .guard_modes import GuardMode
 from .inputs import check_loss_and_balancing, check_optimizer_factory, check_trainable, split_batch
 from .packages import composites_classes, package_of, spans_processes
 from .param_groups import build_param_groups, plain

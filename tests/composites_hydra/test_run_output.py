@@ -2,39 +2,27 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
-
-from tests.processes import TRAIN, repository_env
 
 
 @pytest.mark.slow
-def test_a_sweep_ends_with_one_table_and_each_run_fills_its_train_log_without_noise(tmp_path):
-    command = [
-        *TRAIN,
-        "-m",
-        "+composite=sequential",
-        "seed=0,1",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1",
-        f"hydra.sweep.dir={tmp_path}",  # RunOutput and TerminalProgress as configs/ wire them
-    ]
-    done = subprocess.run(command, cwd=tmp_path, env=repository_env(), capture_output=True, text=True, timeout=500)
+def test_a_sweep_ends_with_one_table_and_each_run_fills_its_train_log_without_noise(documented_sweep):
+    # The README's sweep (tests/conftest.py), RunOutput and TerminalProgress as configs/ wire them:
+    # python scripts/train.py -m +composite=conditional 'module.guard.may_skip=[experts.*]' seed=0,1, 2 batches
+    command, sweep, done = documented_sweep
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
     table = out[out.index("sweep of 2 runs") :].splitlines()[2:5]
-    assert out[out.index("sweep of 2 runs") :].splitlines()[1].startswith("every job: +composite=sequential")
+    every_job = "every job: +composite=conditional module.guard.may_skip=[experts.*]"
+    assert out[out.index("sweep of 2 runs") :].splitlines()[1].startswith(every_job), command
     assert table[0].split() == ["job", "overrides", "val/acc", "test/acc", "test/loss", "status"]
     assert [row.split()[:2] for row in table[1:]] == [["0", "seed=0"], ["1", "seed=1"]]
     assert all(row.split()[-1] == "ok" and len(row.split()) == 6 for row in table[1:])
     assert "\r" not in out and "Tip:" not in out and "`srun`" not in out and "LeafSpec" not in out
     for job in ("0", "1"):
-        log = (tmp_path / job / "train.log").read_text()
+        log = (sweep / job / "train.log").read_text()
         assert "`Trainer.fit` stopped" in log and "Epoch 0/0  step 2" in log
-    assert (tmp_path / "summary.csv").read_text().splitlines()[0] == "job,overrides,val/acc,test/acc,test/loss,status"
+    assert (sweep / "summary.csv").read_text().splitlines()[0] == "job,overrides,val/acc,test/acc,test/loss,status"
 
 
 def test_a_sweep_into_a_used_sweep_dir_keeps_the_earlier_summary(tmp_path):

@@ -30,10 +30,21 @@ QUICK = [
 ]
 
 
-def start(*args: str, cwd) -> subprocess.Popen:
-    """scripts/train.py with the example's config dir, its package importable as an installed one would be."""
+def start(*args: str, cwd, sweep: bool = False) -> subprocess.Popen:
+    """scripts/train.py with the example's config dir, its package importable as an installed one would be.
+
+    ``sweep``: a ``-m`` run (the flag goes before every override).
+    """
     env = {**os.environ, "PYTHONPATH": str(EXAMPLE), "HYDRA_FULL_ERROR": "0"}
-    command = [sys.executable, SCRIPT, "--config-dir", str(EXAMPLE / "configs"), *QUICK, *args]
+    command = [
+        sys.executable,
+        SCRIPT,
+        *(["-m"] if sweep else []),
+        "--config-dir",
+        str(EXAMPLE / "configs"),
+        *QUICK,
+        *args,
+    ]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -49,14 +60,22 @@ def weights(checkpoint, prefix: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_your_own_data_and_composites_train_through_the_config_dir(tmp_path):
-    # Started two at a time: each process spends most of its time importing torch and Lightning.
-    gated = start("+composite=gated", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'gated'}", cwd=tmp_path)
-    routed = start("+composite=routed", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'routed'}", cwd=tmp_path)
-    for name, process in [("gated", gated), ("routed", routed)]:
-        code, output = finish(process)
-        assert code == 0, output
-        assert "test/acc" in output and f"run directory: {tmp_path / name}" in output
-    earlier = tmp_path / "gated" / "checkpoints" / "last.ckpt"
+    # Both composites in one -m sweep: Hydra's basic launcher runs the jobs one after the other in
+    # one process, which spends most of its time importing torch and Lightning.
+    sweep = start(
+        "+composite=gated,routed",
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        sweep=True,
+    )
+    code, output = finish(sweep)
+    assert code == 0, output
+    printed = output.split("run directory: ")  # each job prints its test table, then its run directory
+    for job, name in enumerate(["gated", "routed"]):
+        assert "\ntest/acc " in printed[job] and printed[job + 1].startswith(f"{tmp_path / 'sweep' / str(job)}\n")
+        assert f"+composite={name}\n" in (tmp_path / "sweep" / str(job) / ".hydra" / "overrides.yaml").read_text()
+    earlier = tmp_path / "sweep" / "0" / "checkpoints" / "last.ckpt"  # the gated job's
 
     # Fine-tune: the fusion stage from the gated run, frozen for the one epoch trained here.
     finetune = start(

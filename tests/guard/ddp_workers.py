@@ -1,11 +1,10 @@
-"""Worker processes for the two-rank gloo DDP tests of the guard (spawned, so importable)."""
+"""The two-rank gloo DDP scenarios of the guard, run by ``tests.gloo_ranks``'s spawned ranks (so importable).
+
+Each scenario builds a fresh model and DDP; every DDP object dies with its frame, while the
+scenario's process group is alive.
+"""
 
 from __future__ import annotations
-
-import faulthandler
-import json
-import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -55,26 +54,3 @@ def verdicts(scenario: str) -> list:
             outcome.append(["error", [[p.parameter, p.module, p.cause] for p in error.problems]])
             break
     return outcome
-
-
-def run(rank: int, world: int, port: int, scenarios: tuple[str, ...], out_dir: str) -> None:
-    """Write this rank's verdicts of each scenario to ``out_dir/<scenario>.rank{rank}.json``, then tear down.
-
-    One process group serves every scenario, one after the other (a fresh model and DDP each):
-    spawning ranks is most of what a scenario costs. Each file is written from this thread before
-    the next scenario, not through a multiprocessing queue: a queue's feeder thread can be starved
-    by a C++ destructor that holds the GIL, and the verdict would be lost although the rank
-    reached it. DDP is freed while its process group is alive, then the group is destroyed.
-    """
-    faulthandler.dump_traceback_later(90 * len(scenarios), exit=True)  # a hung rank prints where it hangs, then exits
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for scenario in scenarios:
-            outcome = verdicts(scenario)
-            path = Path(out_dir) / f"{scenario}.rank{rank}.json"
-            path.with_suffix(".tmp").write_text(json.dumps(outcome))
-            os.replace(path.with_suffix(".tmp"), path)  # the reader never sees half a file
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()

@@ -1,39 +1,23 @@
-"""The guard under two-rank gloo DDP: one verdict on every rank, never a rank raising alone."""
+"""The guard under two-rank gloo DDP: one verdict on every rank, never a rank raising alone.
 
-import json
+Each scenario runs on the session's one spawn of gloo ranks (``tests.gloo_ranks``), in a process
+group of its own; a scenario that breaks fails only its own test.
+"""
 
 import pytest
 
-from tests.guard import ddp_workers
-from tests.processes import free_port, spawn_until_written
+from tests import gloo_ranks
 
-SCENARIOS = ("one_rank", "unused_everywhere", "detached_where_routed")
-TIMEOUT_S = 240  # every scenario of both ranks; a hang fails here, a slow, busy 2-core machine does not
-
-
-@pytest.fixture(scope="module")
-def every_scenario(tmp_path_factory) -> dict[tuple[str, int], list]:
-    """Each (scenario, rank)'s verdicts; one pair of spawned ranks runs every scenario; never hangs.
-
-    A scenario neither rank finished is missing from the result: its test fails on its own.
-    """
-    out = tmp_path_factory.mktemp("ddp")
-    paths = {(s, r): out / f"{s}.rank{r}.json" for s in SCENARIOS for r in (0, 1)}
-    failed = spawn_until_written(ddp_workers.run, (2, free_port(), SCENARIOS, str(out)), paths.values(), TIMEOUT_S)
-    found = {key: json.loads(path.read_text()) for key, path in paths.items() if path.exists()}
-    return {"failed": failed, **found}
-
-
-def run_two_ranks(outcomes: dict, scenario: str) -> dict[int, list]:
-    """Each rank's verdicts of ``scenario``; fails when a rank did not write them in time."""
-    if any((scenario, rank) not in outcomes for rank in (0, 1)):
-        pytest.fail(f"DDP scenario '{scenario}': {outcomes['failed']}")
-    return {rank: outcomes[(scenario, rank)] for rank in (0, 1)}
+ONE_RANK, UNUSED_EVERYWHERE, DETACHED_WHERE_ROUTED = (
+    gloo_ranks.scenario(f"guard-ddp-{name}", 2, "tests.guard.ddp_workers:verdicts", name)
+    for name in ("one_rank", "unused_everywhere", "detached_where_routed")
+)
 
 
 @pytest.mark.slow
-def test_branch_active_on_one_rank_only_passes_and_routed_out_branch_is_listed(every_scenario):
-    outcomes = run_two_ranks(every_scenario, "one_rank")
+@gloo_ranks.SHARED
+def test_branch_active_on_one_rank_only_passes_and_routed_out_branch_is_listed():
+    outcomes = gloo_ranks.outcome(ONE_RANK)
     # 'a' runs on rank 0, 'b' on rank 1, so both are reached somewhere; 'c' runs nowhere
     inactive = ["experts.c.bias", "experts.c.weight"]
     for rank in (0, 1):
@@ -43,15 +27,17 @@ def test_branch_active_on_one_rank_only_passes_and_routed_out_branch_is_listed(e
 
 
 @pytest.mark.slow
-def test_parameter_unused_on_every_rank_raises_the_same_error_on_every_rank_at_the_first_step(every_scenario):
-    outcomes = run_two_ranks(every_scenario, "unused_everywhere")
+@gloo_ranks.SHARED
+def test_parameter_unused_on_every_rank_raises_the_same_error_on_every_rank_at_the_first_step():
+    outcomes = gloo_ranks.outcome(UNUSED_EVERYWHERE)
     expected = [["error", [["aux.bias", "aux", "unused"], ["aux.weight", "aux", "unused"]]]]
     assert outcomes[0] == outcomes[1] == expected
 
 
 @pytest.mark.slow
-def test_cause_comes_from_the_rank_that_ran_the_branch_not_from_one_that_routed_it_out(every_scenario):
-    outcomes = run_two_ranks(every_scenario, "detached_where_routed")
+@gloo_ranks.SHARED
+def test_cause_comes_from_the_rank_that_ran_the_branch_not_from_one_that_routed_it_out():
+    outcomes = gloo_ranks.outcome(DETACHED_WHERE_ROUTED)
     expected = [
         ["error", [["experts.b.fc.bias", "experts.b", "detached"], ["experts.b.fc.weight", "experts.b", "detached"]]]
     ]

@@ -1,4 +1,4 @@
-"""Worker processes for the expert-parallel gloo tests (spawned, so importable).
+"""The expert-parallel gloo tests' scenarios, run by ``tests.gloo_ranks``'s spawned ranks (so importable).
 
 Every rank builds the same model twice (same seed): one stays whole and runs the global batch
 alone, the single-process reference; the other has its experts spread over the ranks and runs
@@ -6,11 +6,6 @@ this rank's slice of the batch under DDP. Each case records the largest differen
 """
 
 from __future__ import annotations
-
-import faulthandler
-import json
-import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -281,23 +276,3 @@ def checkpoint() -> dict:
         "saved_keys": sorted(saved["state_dict"]) == sorted(whole.state_dict()),
         "refused": refused,
     }
-
-
-def run(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
-    faulthandler.dump_traceback_later(150, exit=True)  # a hang dumps its stacks and fails, never waits forever
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = {
-            "numerics": numerics,
-            "numerics_four": numerics_four,
-            "guard": guard,
-            "checkpoint": checkpoint,
-            "all": lambda: {**numerics(), **guard(), "checkpoint": checkpoint()},
-        }[scenario]()
-    finally:
-        dist.destroy_process_group()
-    tmp = Path(out_dir) / f"rank{rank}.json.tmp"
-    tmp.write_text(json.dumps(result))
-    tmp.rename(Path(out_dir) / f"rank{rank}.json")

@@ -1,14 +1,10 @@
-"""What the spawned ranks of the pipeline tests run: one spawn per world size serves many assertions.
+"""What the spawned ranks of the pipeline tests run: scenarios of ``tests.gloo_ranks``'s one spawn.
 
-Each rank writes what it found to ``<out>/rank<r>.json``; the test reads every rank's file.
+Each scenario runs inside a default process group of its world size and returns what this rank
+found; the test reads every rank's result.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,8 +45,9 @@ def reference(lr: float = 0.1) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def numerics(rank: int, out: dict) -> None:
+def numerics() -> dict:
     """Loss and parameters after one step, per schedule, against the single-process step."""
+    out: dict = {}
     ref_loss, ref_params = reference()
     x, y = batch()
     schedules = ["gpipe", "1f1b"] + (["interleaved"] if dist.get_world_size() == 2 else ["pp_x_dp"])
@@ -89,6 +86,7 @@ def numerics(rank: int, out: dict) -> None:
             "output_shape": list(output.shape) if output is not None else None,
             "layout": pipeline.layout(),
         }
+    return out
 
 
 class DetachedOutput(nn.Module):
@@ -190,8 +188,9 @@ def handoff_models() -> dict[str, Sequential]:
     }
 
 
-def handoff_cases(rank: int, out: dict) -> None:
+def handoff_cases() -> dict:
     """Tuples, mappings and picked fields cross a boundary and give the single-process numbers; a string cannot."""
+    out: dict = {}
     x, y = batch()
     for kind in ("tuple", "mapping", "picked"):
         reference = handoff_models()[kind]
@@ -213,9 +212,12 @@ def handoff_cases(rank: int, out: dict) -> None:
         out["unsendable"] = None
     except RuntimeError as error:
         out["unsendable"] = str(error)
+    return out
 
 
-def guard_cases(rank: int, out: dict) -> None:
+def guard_cases() -> dict:
+    """The guard's verdict on a clean pipeline, on a cut on each side of a stage boundary, on one inside a stage."""
+    out: dict = {}
     out["clean"] = guard_verdict(four_stage_model(), None)
     # the boundary cut: 'mixer' (end of pipeline stage 0) detaches what it sends to 'proj'
     model = four_stage_model()
@@ -229,18 +231,4 @@ def guard_cases(rank: int, out: dict) -> None:
     model = four_stage_model()
     model.proj = DetachedInput(model.proj)
     out["received"] = guard_verdict(model, [["encoder", "mixer"], ["proj", "head"]])
-
-
-def worker(rank: int, world: int, port: int, folder: str, cases: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out: dict = {}
-    try:
-        for case in cases:
-            {"numerics": numerics, "guard": guard_cases, "handoff": handoff_cases}[case](rank, out)
-    except Exception:
-        out["error"] = traceback.format_exc()
-    finally:
-        Path(folder, f"rank{rank}.json").write_text(json.dumps(out))
-        dist.destroy_process_group()
+    return out

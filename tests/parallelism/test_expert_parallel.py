@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,40 +13,25 @@ from torch import nn
 
 from composites import Conditional, Sequential
 from composites.parallelism import ExpertGroups, shard_experts
-from tests.parallelism import ep_workers
-from tests.processes import free_port, spawn_until_written
+from tests import gloo_ranks
 
-TIMEOUT_S = 240  # a hang fails here (each rank also dumps its stacks at 150 s); a busy 2-core machine does not
 TOLERANCE = 1e-5
-
-
-def spawn(scenario: str, ranks: int) -> dict[int, dict]:
-    out = Path(tempfile.mkdtemp())
-    paths = {rank: out / f"rank{rank}.json" for rank in range(ranks)}
-    if failed := spawn_until_written(
-        ep_workers.run, (ranks, free_port(), scenario, str(out)), paths.values(), TIMEOUT_S, ranks
-    ):
-        pytest.fail(f"expert-parallel scenario '{scenario}' on {ranks} ranks: {failed}")
-    return {rank: json.loads(path.read_text()) for rank, path in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def two_ranks() -> dict[int, dict]:
-    """Every numerics case and guard scenario on two ranks, one spawn."""
-    return spawn("all", 2)
-
-
-@pytest.fixture(scope="module")
-def four_ranks() -> dict[int, dict]:
-    return spawn("numerics_four", 4)
+WORKERS = "tests.parallelism.ep_workers"
+# the session's one spawn of gloo ranks runs these (tests.gloo_ranks); each fails only its own tests
+NUMERICS_TWO = gloo_ranks.scenario("expert-parallel-numerics-2", 2, f"{WORKERS}:numerics")
+NUMERICS_FOUR = gloo_ranks.scenario("expert-parallel-numerics-4", 4, f"{WORKERS}:numerics_four")
+GUARD = gloo_ranks.scenario("expert-parallel-guard", 2, f"{WORKERS}:guard")
+CHECKPOINT = gloo_ranks.scenario("expert-parallel-checkpoint", 2, f"{WORKERS}:checkpoint")
 
 
 NUMERIC_CASES = [f"top{k}-cf{cf}-adam" for k in (1, 2) for cf in (None, 1.0, 0.5)] + ["top1-cfNone-sgd", "composed"]
 
 
 @pytest.mark.slow
+@gloo_ranks.SHARED
 @pytest.mark.parametrize("case", NUMERIC_CASES)
-def test_two_ranks_give_the_single_process_loss_gate_gradient_and_parameters_after_a_step(two_ranks, case):
+def test_two_ranks_give_the_single_process_loss_gate_gradient_and_parameters_after_a_step(case):
+    two_ranks = gloo_ranks.outcome(NUMERICS_TWO)
     for rank in (0, 1):
         result = two_ranks[rank][case]
         assert result["same_keys"], "the gathered full state has the single-process model's keys"
@@ -60,15 +43,17 @@ def test_two_ranks_give_the_single_process_loss_gate_gradient_and_parameters_aft
 
 
 @pytest.mark.slow
-def test_two_conditionals_one_in_a_parallel_with_a_conditional_nested_in_an_expert_are_spread_outermost_only(two_ranks):
+@gloo_ranks.SHARED
+def test_two_conditionals_one_in_a_parallel_with_a_conditional_nested_in_an_expert_are_spread_outermost_only():
+    two_ranks = gloo_ranks.outcome(NUMERICS_TWO)
     assert two_ranks[0]["composed"]["spread"] == ["both.moe", "capped"]  # the nested one stays whole on e0's rank
     assert two_ranks[0]["composed"]["dropped"] == [4, 4]
 
 
 @pytest.mark.slow
-def test_a_checkpoint_resumes_exactly_holds_the_single_process_model_and_refuses_another_size(two_ranks):
-    for rank in (0, 1):
-        result = two_ranks[rank]["checkpoint"]
+@gloo_ranks.SHARED
+def test_a_checkpoint_resumes_exactly_holds_the_single_process_model_and_refuses_another_size():
+    for result in gloo_ranks.outcome(CHECKPOINT):
         assert result["resumed_equal"] and result["same_local_keys"] and result["saved_keys"]
         assert (
             "saved on 2 ranks with expert_parallel_size=1, this run has 2 ranks with expert_parallel_size=2"
@@ -81,18 +66,24 @@ def test_a_checkpoint_resumes_exactly_holds_the_single_process_model_and_refuses
 
 
 @pytest.mark.slow
-def test_capacity_cases_do_drop_pairs_so_the_drop_rule_is_tested(two_ranks):
+@gloo_ranks.SHARED
+def test_capacity_cases_do_drop_pairs_so_the_drop_rule_is_tested():
+    two_ranks = gloo_ranks.outcome(NUMERICS_TWO)
     assert [two_ranks[0][f"top{k}-cf{cf}-adam"]["dropped"][1] for k in (1, 2) for cf in (1.0, 0.5)] == [6, 8, 12, 13]
 
 
 @pytest.mark.slow
-def test_each_rank_holds_its_own_half_of_the_experts(two_ranks):
+@gloo_ranks.SHARED
+def test_each_rank_holds_its_own_half_of_the_experts():
+    two_ranks = gloo_ranks.outcome(NUMERICS_TWO)
     assert two_ranks[0]["top1-cfNone-adam"]["local_experts"] == ["e0", "e1"]
     assert two_ranks[1]["top1-cfNone-adam"]["local_experts"] == ["e2", "e3"]
 
 
 @pytest.mark.slow
-def test_four_ranks_with_and_without_copies_of_the_expert_shards_give_the_single_process_numbers(four_ranks):
+@gloo_ranks.SHARED
+def test_four_ranks_with_and_without_copies_of_the_expert_shards_give_the_single_process_numbers():
+    four_ranks = gloo_ranks.outcome(NUMERICS_FOUR)
     for rank in range(4):
         for case, result in four_ranks[rank].items():
             assert result["same_keys"] and result["dropped"][0] == result["dropped"][1], case
@@ -102,12 +93,16 @@ def test_four_ranks_with_and_without_copies_of_the_expert_shards_give_the_single
 
 
 @pytest.mark.slow
-def test_guard_passes_healthy_expert_parallel_steps_on_every_rank(two_ranks):
+@gloo_ranks.SHARED
+def test_guard_passes_healthy_expert_parallel_steps_on_every_rank():
+    two_ranks = gloo_ranks.outcome(GUARD)
     assert two_ranks[0]["healthy"] == two_ranks[1]["healthy"] == [["ok", []], ["ok", []]]
 
 
 @pytest.mark.slow
-def test_experts_without_samples_anywhere_are_inactive_on_their_owner_then_starve_with_one_table_everywhere(two_ranks):
+@gloo_ranks.SHARED
+def test_experts_without_samples_anywhere_are_inactive_on_their_owner_then_starve_with_one_table_everywhere():
+    two_ranks = gloo_ranks.outcome(GUARD)
     weights = lambda e: [f"moe.{e}.{layer}.{kind}" for layer in (0, 2) for kind in ("bias", "weight")]  # noqa: E731
     # step 1: no hang, nothing raised; each owner lists its idle experts (e0 took every sample)
     assert two_ranks[0]["dead"][0] == ["ok", weights("e1")]
@@ -121,14 +116,18 @@ def test_experts_without_samples_anywhere_are_inactive_on_their_owner_then_starv
 
 
 @pytest.mark.slow
-def test_cut_inside_an_expert_is_named_with_its_owning_rank_on_every_rank(two_ranks):
+@gloo_ranks.SHARED
+def test_cut_inside_an_expert_is_named_with_its_owning_rank_on_every_rank():
+    two_ranks = gloo_ranks.outcome(GUARD)
     where = "inside 'moe.e3'.forward, after 'moe.e3.fc' (on rank 1)"
     expected = [["error", [[f"moe.e3.fc.{k}", "moe.e3", "detached", where] for k in ("bias", "weight")]]]
     assert two_ranks[0]["cut"] == two_ranks[1]["cut"] == expected
 
 
 @pytest.mark.slow
-def test_capacity_mode_runs_every_expert_so_none_is_inactive(two_ranks):
+@gloo_ranks.SHARED
+def test_capacity_mode_runs_every_expert_so_none_is_inactive():
+    two_ranks = gloo_ranks.outcome(GUARD)
     assert two_ranks[0]["capacity_dead"] == two_ranks[1]["capacity_dead"] == [["ok", []]]
 
 

@@ -1,12 +1,10 @@
 """A Sequential as a pipeline over gloo ranks: the single-process numbers, the hand-off, the guard per stage.
 
-One spawn per world size serves every assertion of that size (spawning costs more than the steps).
+The ranks are the session's one spawn (``tests.gloo_ranks``): each scenario below serves several
+tests, and fails only its own when it breaks.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 from torch import nn
@@ -14,31 +12,14 @@ from torch import nn
 from composites import Sequential
 from composites.parallelism import balanced_split, check_split
 from composites.parallelism.pipeline import microbatch_count
-from tests.parallelism.pipeline_workers import worker
-from tests.processes import free_port, spawn_until_written
+from tests import gloo_ranks
 
 TOL = 1e-5
-
-
-def spawned(tmp_path_factory: pytest.TempPathFactory, world: int, cases: list[str]) -> list[dict]:
-    folder = tmp_path_factory.mktemp(f"pipeline{world}")
-    paths = [Path(folder, f"rank{r}.json") for r in range(world)]
-    failure = spawn_until_written(worker, (world, free_port(), str(folder), cases), paths, 150, nprocs=world)
-    assert failure is None, failure
-    ranks = [json.loads(p.read_text()) for p in paths]
-    errors = [r["error"] for r in ranks if "error" in r]
-    assert not errors, errors[0]
-    return ranks
-
-
-@pytest.fixture(scope="module")
-def two(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return spawned(tmp_path_factory, 2, ["numerics", "handoff", "guard"])
-
-
-@pytest.fixture(scope="module")
-def four(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return spawned(tmp_path_factory, 4, ["numerics"])
+WORKERS = "tests.parallelism.pipeline_workers"
+NUMERICS_TWO = gloo_ranks.scenario("pipeline-numerics-2", 2, f"{WORKERS}:numerics")
+NUMERICS_FOUR = gloo_ranks.scenario("pipeline-numerics-4", 4, f"{WORKERS}:numerics")
+HANDOFF = gloo_ranks.scenario("pipeline-handoff", 2, f"{WORKERS}:handoff_cases")
+GUARD = gloo_ranks.scenario("pipeline-guard", 2, f"{WORKERS}:guard_cases")
 
 
 def check_numerics(ranks: list[dict], split: list[list[str]]) -> None:
@@ -55,19 +36,23 @@ def check_numerics(ranks: list[dict], split: list[list[str]]) -> None:
 
 
 @pytest.mark.slow
-def test_two_stages_step_as_the_single_process_model(two: list[dict]) -> None:
+@gloo_ranks.SHARED
+def test_two_stages_step_as_the_single_process_model() -> None:
+    two = gloo_ranks.outcome(NUMERICS_TWO)
     check_numerics(two, [["encoder", "mixer"], ["proj", "head"]])
     assert two[0]["gpipe"]["layout"] == "pipeline: stage 0 [encoder, mixer] on rank 0 | stage 1 [proj, head] on rank 1"
 
 
 @pytest.mark.slow
-def test_four_stages_step_as_the_single_process_model(four: list[dict]) -> None:
-    check_numerics(four, [["encoder"], ["mixer"], ["proj"], ["head"]])
+@gloo_ranks.SHARED
+def test_four_stages_step_as_the_single_process_model() -> None:
+    check_numerics(gloo_ranks.outcome(NUMERICS_FOUR), [["encoder"], ["mixer"], ["proj"], ["head"]])
 
 
 @pytest.mark.slow
-def test_interleaved_schedule_holds_two_stages_per_rank_and_steps_the_same(two: list[dict]) -> None:
-    seen = [r["interleaved"] for r in two]
+@gloo_ranks.SHARED
+def test_interleaved_schedule_holds_two_stages_per_rank_and_steps_the_same() -> None:
+    seen = [r["interleaved"] for r in gloo_ranks.outcome(NUMERICS_TWO)]
     assert [s["names"] for s in seen] == [
         ["encoder.0.bias", "encoder.0.weight", "proj.0.bias", "proj.0.weight"],
         ["head.bias", "head.weight", "mixer.0.bias", "mixer.0.weight"],
@@ -76,8 +61,9 @@ def test_interleaved_schedule_holds_two_stages_per_rank_and_steps_the_same(two: 
 
 
 @pytest.mark.slow
-def test_copies_of_a_pipeline_on_halves_of_the_batch_step_as_one_model(four: list[dict]) -> None:
-    seen = [r["pp_x_dp"] for r in four]
+@gloo_ranks.SHARED
+def test_copies_of_a_pipeline_on_halves_of_the_batch_step_as_one_model() -> None:
+    seen = [r["pp_x_dp"] for r in gloo_ranks.outcome(NUMERICS_FOUR)]
     assert [s["layout"] for s in seen[::2]] == [
         "pipeline: stage 0 [encoder, mixer] on rank 0 | stage 1 [proj, head] on rank 1",
         "pipeline: stage 0 [encoder, mixer] on rank 2 | stage 1 [proj, head] on rank 3",
@@ -87,34 +73,39 @@ def test_copies_of_a_pipeline_on_halves_of_the_batch_step_as_one_model(four: lis
 
 
 @pytest.mark.slow
-def test_tuples_mappings_and_picked_fields_cross_a_boundary(two: list[dict]) -> None:
+@gloo_ranks.SHARED
+def test_tuples_mappings_and_picked_fields_cross_a_boundary() -> None:
+    two = gloo_ranks.outcome(HANDOFF)
     for kind in ("tuple", "mapping", "picked"):
         assert two[1][kind]["loss_error"] <= TOL
         assert max(r[kind]["grad_error"] for r in two) <= TOL
 
 
 @pytest.mark.slow
-def test_an_output_that_cannot_be_sent_is_named_on_every_rank(two: list[dict]) -> None:
-    messages = [r["unsendable"] for r in two]
+@gloo_ranks.SHARED
+def test_an_output_that_cannot_be_sent_is_named_on_every_rank() -> None:
+    messages = [r["unsendable"] for r in gloo_ranks.outcome(HANDOFF)]
     assert messages[0] == messages[1]
     assert "the output of stage 'labelled' cannot be sent" in messages[0]
     assert "holding a str" in messages[0] and "outputs={'labelled'" in messages[0]
 
 
 @pytest.mark.slow
-def test_guard_passes_a_connected_pipeline(two: list[dict]) -> None:
-    assert [r["clean"]["problems"] for r in two] == [[], []]
+@gloo_ranks.SHARED
+def test_guard_passes_a_connected_pipeline() -> None:
+    assert [r["clean"]["problems"] for r in gloo_ranks.outcome(GUARD)] == [[], []]
 
 
-def problems(ranks: list[dict], case: str) -> dict[str, tuple[str, str]]:
-    verdicts = [r[case]["problems"] for r in ranks]
+def problems(case: str) -> dict[str, tuple[str, str]]:
+    verdicts = [r[case]["problems"] for r in gloo_ranks.outcome(GUARD)]
     assert verdicts[0] == verdicts[1]  # every rank raised the same table
     return {name: (cause, where) for name, cause, where in verdicts[0]}
 
 
 @pytest.mark.slow
-def test_guard_names_the_boundary_a_detached_output_was_sent_over(two: list[dict]) -> None:
-    found = problems(two, "boundary")
+@gloo_ranks.SHARED
+def test_guard_names_the_boundary_a_detached_output_was_sent_over() -> None:
+    found = problems("boundary")
     upstream = {"encoder.0.weight", "encoder.0.bias", "mixer.inner.0.weight", "mixer.inner.0.bias"}
     assert set(found) == upstream
     boundary = "between stage 'mixer' (rank 0) and stage 'proj' (rank 1): "
@@ -123,8 +114,9 @@ def test_guard_names_the_boundary_a_detached_output_was_sent_over(two: list[dict
 
 
 @pytest.mark.slow
-def test_guard_names_the_boundary_whose_receiver_drops_the_gradient(two: list[dict]) -> None:
-    found = problems(two, "received")
+@gloo_ranks.SHARED
+def test_guard_names_the_boundary_whose_receiver_drops_the_gradient() -> None:
+    found = problems("received")
     assert set(found) == {"encoder.0.weight", "encoder.0.bias", "mixer.0.weight", "mixer.0.bias"}
     where = found["mixer.0.weight"][1]
     assert where.startswith("between stage 'mixer' (rank 0) and stage 'proj' (rank 1): ")
@@ -132,8 +124,9 @@ def test_guard_names_the_boundary_whose_receiver_drops_the_gradient(two: list[di
 
 
 @pytest.mark.slow
-def test_guard_names_a_cut_inside_a_stage_by_parameter(two: list[dict]) -> None:
-    found = problems(two, "inside")
+@gloo_ranks.SHARED
+def test_guard_names_a_cut_inside_a_stage_by_parameter() -> None:
+    found = problems("inside")
     assert found == {
         "encoder.inner.0.weight": ("detached", "inside 'encoder'.forward, after 'encoder.inner'"),
         "encoder.inner.0.bias": ("detached", "inside 'encoder'.forward, after 'encoder.inner'"),

@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.scripts.train_helpers import QUICK, ROOT
-
-# QUICK with the progress bar as configured: off a terminal it must stay out of the output by itself.
-SHARED_RUN = ["+composite=sequential", *[o for o in QUICK if not o.startswith("trainer.enable_progress_bar")]]
+from tests.scripts.train_helpers import ROOT, SHARED_RUN
 
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """``python scripts/train.py +composite=sequential`` of QUICK's size, run once: its run directory and its result.
+    """``python scripts/train.py`` with ``SHARED_RUN``, run once: its run directory and its result.
 
     A real process (most of it is importing torch and Lightning), so the tests that need a
     finished run directory share it; one that writes into a run directory works on a copy.

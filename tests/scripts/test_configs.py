@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
+import typing
 from functools import partial
 
 import pytest
@@ -17,6 +19,7 @@ from composites.presets import DigitsDataModule
 from composites.presets.models import ConvEncoder
 from composites_hydra import ConfigError, NoCompositeError, available_composites, build, build_node
 from composites_hydra.build import CONFIG_DIR
+from composites_hydra.schema import TrainerConfig
 from tests.scripts.train_helpers import ROOT, compose_train
 
 COMPOSITES = ["conditional", "parallel", "sequential"]
@@ -188,6 +191,22 @@ def test_typos_and_wrong_types_name_the_key(tmp_path, override, expected):
     with pytest.raises(ConfigCompositionException) as info:
         compose_train(tmp_path, ["+composite=sequential", override])
     assert expected in error_text(info.value)
+
+
+def test_the_trainer_schema_read_from_lightnings_source_is_the_one_its_signature_gives():
+    # The schema is built without importing Lightning (a compose error exits at once); it must
+    # hold what asking the imported Trainer gives: each YAML-able argument, its type when simple.
+    simple = {int, float, bool, str} | {typing.Optional[t] for t in (int, float, bool, str)}  # noqa: UP045
+    hints = typing.get_type_hints(pl.Trainer.__init__)
+    expected = [("_target_", str, "pytorch_lightning.Trainer")] + [
+        (name, hints[name] if hints[name] in simple else typing.Any, p.default)
+        for name, p in inspect.signature(pl.Trainer.__init__).parameters.items()
+        if name not in {"self", "logger", "callbacks", "plugins"}
+        and isinstance(p.default, (type(None), bool, int, float, str))
+    ]
+    fields = [(f.name, f.type, f.default) for f in dataclasses.fields(TrainerConfig)]
+    assert fields == expected
+    assert ("max_epochs", typing.Optional[int], None) in fields and len(fields) > 30  # noqa: UP045
 
 
 def test_an_added_unknown_top_level_key_is_refused(tmp_path):

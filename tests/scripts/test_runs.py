@@ -15,7 +15,7 @@ import torch
 
 from composites.training import AtomicCheckpointIO
 from composites_hydra import ConfigError
-from tests.scripts.train_helpers import QUICK, ROOT, compose_train, train
+from tests.scripts.train_helpers import QUICK, ROOT, SHARED_RUN, compose_train, train
 
 RUN = [
     *QUICK,
@@ -99,22 +99,21 @@ def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_the_command_line_refuses_a_used_run_directory_and_a_resume_keeps_the_first_config(tmp_path, finished_run):
-    first_dir, first = finished_run  # "+composite=sequential" with QUICK's limits, in a directory of its own
+    first_dir, first = finished_run  # SHARED_RUN: QUICK's limits, in a directory of its own
     assert first.returncode == 0, first.stderr[-2000:]
     run_dir = tmp_path / "run"
     shutil.copytree(first_dir, run_dir)  # this test writes into the run directory: a copy of the finished one
     recorded = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     metrics = (run_dir / "logs" / "metrics.csv").read_bytes()
 
-    again = run_script("+composite=sequential", *QUICK, "seed=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    again = run_script(*SHARED_RUN, "seed=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert again.returncode == 1
     assert f"error: the run directory {run_dir} already holds a run (" in again.stderr
     assert "resume it:   add ckpt_path=auto" in again.stderr and "start fresh: leave hydra.run.dir out" in again.stderr
     assert {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir() if p.is_file()} == recorded
 
     resumed = run_script(
-        "+composite=sequential",
-        *QUICK,
+        *SHARED_RUN,
         "trainer.max_epochs=2",
         "ckpt_path=auto",
         f"hydra.run.dir={run_dir}",

@@ -32,6 +32,16 @@ QUICK = [
     "trainer.limit_test_batches=2",
 ]
 
+# The one finished command-line run several tests read (tests/scripts/conftest.py: finished_run):
+# QUICK with the progress bar as configured (off a terminal it must stay out of the output by
+# itself), and the guard's options from the command line as the docs write them.
+SHARED_RUN = [
+    "+composite=conditional",
+    "module.guard.may_skip=[experts.*]",
+    "guard=warn",
+    *[o for o in QUICK if not o.startswith("trainer.enable_progress_bar")],
+]
+
 
 def compose_train(output_dir: Path | str, overrides: list[str] = ()) -> DictConfig:
     """Compose configs/train.yaml as the script would, with the run directory set explicitly

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
@@ -11,27 +10,12 @@ from torch import Tensor, nn
 
 from ...guard import STARVED_AFTER, GradientFlowError, GradientGuard, GuardReport
 from ..epoch_logging import step_is_logged
+from ..guard_modes import guard_mode
 from ..packages import check_same_package, spans_processes
 from .non_finite import NonFinitePolicy, NonFiniteStepsError, refuse_non_finite_checkpoint
 
 if TYPE_CHECKING:
     import torch
-
-GUARD_MODES = ("raise", "warn", "off")
-GuardMode = Enum("GuardMode", [(m, m) for m in GUARD_MODES], type=str)  # the one list; the Hydra schema uses it
-GuardMode.__doc__ = "The guard's modes: ``raise`` (stop at the first bad backward), ``warn``, ``off``."
-
-
-def guard_mode(mode: Any) -> str:
-    """``mode`` (a string or a :data:`GuardMode`) as a plain string; a clear error for anything else.
-
-    >>> guard_mode(GuardMode["warn"]), guard_mode("off")
-    ('warn', 'off')
-    """
-    mode = str(getattr(mode, "value", mode))
-    if mode not in GUARD_MODES:
-        raise ValueError(f"guard='{mode}' is not one of {', '.join(GUARD_MODES)}")
-    return mode
 
 
 class GradientGuardCallbackBase:

@@ -1,13 +1,11 @@
-"""Worker processes for the two-rank gloo FSDP2 tests (spawned, so importable).
+"""The two-rank gloo FSDP2 scenarios, run by ``tests.gloo_ranks``'s spawned ranks (so importable).
 
 Each rank runs Lightning with ``FSDP2Strategy`` as a process Lightning did not start (the
-environment names its rank, as torchrun or SLURM would), runs the scenarios one after the
-other and writes each verdict to ``<out>/<scenario>.rank<r>.json`` before the next one.
+environment names its rank, as torchrun or SLURM would), in the process group the scenario got.
 """
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import logging
 import os
@@ -26,8 +24,6 @@ from composites import CompositeModule, Conditional, GradientFlowError, Parallel
 from composites.guard import submodel_grad_norms
 from composites.training import FSDP2Strategy
 from composites_hydra import resume_path
-
-SCENARIOS = ("healthy", "resume", "one_rank", "detached", "accumulation", "non_finite")
 
 
 class Detaching(nn.Module):
@@ -190,22 +186,8 @@ def verdict(scenario: str, out: Path) -> dict[str, Any]:
     return result
 
 
-def run(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Run every scenario on this rank; write each verdict before the next scenario starts."""
-    faulthandler.dump_traceback_later(170, exit=True)  # a hung rank prints where it hangs, then exits
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
-    )
-    os.environ.update(NODE_RANK="0", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    out = Path(out_dir)
-    try:
-        for scenario in SCENARIOS:
-            result = verdict(scenario, out)
-            path = out / f"{scenario}.rank{rank}.json"
-            path.with_suffix(".tmp").write_text(json.dumps(result))
-            os.replace(path.with_suffix(".tmp"), path)  # the reader never sees half a file
-            dist.barrier()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def run(out_dir: str, scenario: str) -> dict[str, Any]:
+    """This rank's verdict of ``scenario``, its runs under ``out_dir``; the environment says what torchrun would."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS="1")
+    return verdict(scenario, Path(out_dir))

@@ -1,7 +1,5 @@
 """FSDP2 through Lightning on two gloo ranks: sharded per sub-model, guarded, resumable, never hanging."""
 
-import json
-
 import pytest
 import torch
 from torch import nn
@@ -10,38 +8,23 @@ from composites import Conditional, Parallel, Sequential
 from composites.training import FSDP2Strategy
 from composites.training.strategies.prepare import configure_sharding
 from composites.training.strategies.sharding import composite_units, full_checkpoint, units_matching
-from tests.processes import free_port, spawn_until_written
-from tests.training.strategies import fsdp_workers
+from tests import gloo_ranks
 
-TIMEOUT_S = 240  # every scenario of both ranks; a hang fails here, a slow, busy 2-core machine does not
-
-
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict[str, dict[int, dict]]:
-    """Both ranks' verdict for each scenario (one pair of processes runs them all); never hangs.
-
-    A scenario neither rank reported is missing from the result: its test fails on its own.
-    """
-    out = tmp_path_factory.mktemp("fsdp")
-    paths = {(s, r): out / f"{s}.rank{r}.json" for s in fsdp_workers.SCENARIOS for r in (0, 1)}
-    spawn_until_written(fsdp_workers.run, (2, free_port(), str(out)), paths.values(), TIMEOUT_S)  # a death: ends early
-    found: dict[str, dict] = {"folder": {"out": out}}
-    for (scenario, rank), path in paths.items():
-        if path.exists():
-            found.setdefault(scenario, {})[rank] = json.loads(path.read_text())
-    return found
+# the session's one spawn of gloo ranks runs them, in this order (tests.gloo_ranks); each fails only its own tests
+SCENARIOS = ("healthy", "resume", "one_rank", "detached", "accumulation", "non_finite")  # resume reads healthy's run
+for _scenario in SCENARIOS:
+    gloo_ranks.scenario(f"fsdp-{_scenario}", 2, "tests.training.strategies.fsdp_workers:run", _scenario, folder="fsdp")
 
 
-def both(outcomes: dict, scenario: str) -> tuple[dict, dict]:
-    ranks = outcomes.get(scenario, {})
-    if set(ranks) != {0, 1}:
-        pytest.fail(f"FSDP2 scenario '{scenario}': only ranks {sorted(ranks)} reported within {TIMEOUT_S}s")
-    return ranks[0], ranks[1]
+def both(scenario: str) -> tuple[dict, dict]:
+    rank0, rank1 = gloo_ranks.outcome(f"fsdp-{scenario}")
+    return rank0, rank1
 
 
 @pytest.mark.slow
-def test_healthy_composite_trains_guarded_with_whole_gradient_norms_and_a_sharded_checkpoint(outcomes):
-    rank0, rank1 = both(outcomes, "healthy")
+@gloo_ranks.SHARED
+def test_healthy_composite_trains_guarded_with_whole_gradient_norms_and_a_sharded_checkpoint():
+    rank0, rank1 = both("healthy")
     assert rank0.pop("said") == ["FSDP2: 6 units (encoder, middle, middle.a, middle.b, head, then the root)"]
     assert rank1.pop("said") == []  # rank zero's log
     assert rank0 == rank1
@@ -51,15 +34,17 @@ def test_healthy_composite_trains_guarded_with_whole_gradient_norms_and_a_sharde
 
 
 @pytest.mark.slow
-def test_ckpt_path_auto_resumes_from_the_sharded_checkpoint_with_the_saved_weights(outcomes):
-    rank0, rank1 = both(outcomes, "resume")
+@gloo_ranks.SHARED
+def test_ckpt_path_auto_resumes_from_the_sharded_checkpoint_with_the_saved_weights():
+    rank0, rank1 = both("resume")
     assert rank0 == rank1 == {"ckpt_path": "last", "step": 4, "restored": True}
 
 
 @pytest.mark.slow
-def test_a_sharded_checkpoint_reads_back_whole_in_one_process(outcomes):
-    both(outcomes, "resume")
-    checkpoint = full_checkpoint(outcomes["folder"]["out"] / "healthy" / "checkpoints" / "last.ckpt")
+@gloo_ranks.SHARED
+def test_a_sharded_checkpoint_reads_back_whole_in_one_process():
+    both("resume")
+    checkpoint = full_checkpoint(gloo_ranks.folder("fsdp-healthy") / "healthy" / "checkpoints" / "last.ckpt")
     shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
     assert shapes == {
         **{"model.encoder.weight": (8, 4), "model.encoder.bias": (8,)},
@@ -71,8 +56,9 @@ def test_a_sharded_checkpoint_reads_back_whole_in_one_process(outcomes):
 
 
 @pytest.mark.slow
-def test_branch_used_on_one_rank_only_trains_and_the_unused_one_is_listed(outcomes):
-    rank0, rank1 = both(outcomes, "one_rank")
+@gloo_ranks.SHARED
+def test_branch_used_on_one_rank_only_trains_and_the_unused_one_is_listed():
+    rank0, rank1 = both("one_rank")
     (said,) = rank0["said"]
     assert said.startswith(
         "FSDP2: 4 units (encoder, experts, head, then the root); set_reduce_scatter_unused_params(True)"
@@ -85,23 +71,26 @@ def test_branch_used_on_one_rank_only_trains_and_the_unused_one_is_listed(outcom
 
 
 @pytest.mark.slow
-def test_detached_sub_model_raises_the_same_error_with_its_cause_on_both_ranks(outcomes):
-    rank0, rank1 = both(outcomes, "detached")
+@gloo_ranks.SHARED
+def test_detached_sub_model_raises_the_same_error_with_its_cause_on_both_ranks():
+    rank0, rank1 = both("detached")
     expected = [["middle.fc.bias", "middle", "detached"], ["middle.fc.weight", "middle", "detached"]]
     assert rank0 == rank1 == {"error": expected}
 
 
 @pytest.mark.slow
-def test_a_cut_in_the_second_micro_batch_without_gradient_sync_is_reported_for_that_micro_batch(outcomes):
-    rank0, rank1 = both(outcomes, "accumulation")
+@gloo_ranks.SHARED
+def test_a_cut_in_the_second_micro_batch_without_gradient_sync_is_reported_for_that_micro_batch():
+    rank0, rank1 = both("accumulation")
     cut = [["middle.fc.bias", "middle"], ["middle.fc.weight", "middle"]]  # and the encoder, which feeds it
     expected = [[*p, "detached"] for p in [["encoder.bias", "encoder"], ["encoder.weight", "encoder"], *cut]]
     assert rank0 == rank1 == {"checks": ["ok", expected]}
 
 
 @pytest.mark.slow
-def test_non_finite_data_on_one_rank_is_read_from_the_shards_and_reported_on_both(outcomes):
-    rank0, rank1 = both(outcomes, "non_finite")
+@gloo_ranks.SHARED
+def test_non_finite_data_on_one_rank_is_read_from_the_shards_and_reported_on_both():
+    rank0, rank1 = both("non_finite")
     assert rank0 == rank1
     (problems,) = rank0["checks"]
     names = ["encoder.weight", "head.weight", "middle.fc.weight"]  # the NaN is in the data: biases stay finite
