@@ -10,9 +10,6 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
-import os
 from pathlib import Path
 
 import hydra
@@ -68,29 +65,8 @@ def train(cfg: DictConfig) -> float:
     return float(best) if best is not None else float("nan")
 
 
-def _exit_without_collecting() -> None:
-    """When this process exits, skip the garbage collector's passes over every object still alive.
-
-    The interpreter's shutdown collects the whole heap several times over; with torch and
-    Lightning loaded that is about a second of CPU per process, on every rank, after the run is
-    over (a stopped DDP rank took that long to exit). ``gc.freeze`` at exit leaves the heap out of
-    those passes; objects are still released and finalised as their references go.
-    Idempotent: a local ``-m`` sweep calls ``main`` once per run in the same process.
-
-    Not in a rank that Lightning's own launcher started (``LOCAL_RANK`` > 0): that launcher
-    SIGKILLs rank 0 when a child exits non-zero while rank 0 still runs, and after a signal's
-    stop (exit 143 on every rank) rank 0 still draws its plot; a child that exits at once would
-    land in that window.
-    """
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return
-    atexit.unregister(gc.freeze)
-    atexit.register(gc.freeze)
-
-
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    _exit_without_collecting()  # every process that trains: this one, the ranks it starts, srun's and submitit's
     route_lightning_logs()  # Hydra has set up logging: Lightning's records go to the run's train.log too
     with stop_together():  # a rank that stops before the process group is up stops the others, with its message
         try:
@@ -100,5 +76,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    _exit_without_collecting()  # also when the run never starts (a composition error)
     main()
