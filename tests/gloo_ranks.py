@@ -18,11 +18,13 @@ tests, with its traceback, and hides no other scenario's result.
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import gc
 import importlib
 import json
 import os
+import shutil
 import tempfile
 import traceback
 from datetime import timedelta
@@ -39,30 +41,35 @@ TIMEOUT_S = 420  # every scenario, one after the other, on a busy 2-core machine
 COLLECTIVE_TIMEOUT_S = 90  # a rank waiting longer in one collective of the world (its peer raised) gives up
 SHARED = pytest.mark.xdist_group("gloo_ranks")  # the tests reading results: one worker, so one spawn
 
-# name -> (world size, "module:function", arguments, folder), in the order the test modules registered them
-SCENARIOS: dict[str, tuple[int, str, tuple, str | None]] = {}
+# name -> (world size, "module:function", arguments, folder, group), in the order the test modules registered them
+SCENARIOS: dict[str, tuple[int, str, tuple, str | None, bool]] = {}
 _RUN: dict[str, Any] = {}  # the session's spawn, once it ran: its folder and why it stopped early (or None)
 
 
-def scenario(name: str, world: int, target: str, *args: Any, folder: str | None = None) -> str:
+def scenario(name: str, world: int, target: str, *args: Any, folder: str | None = None, group: bool = True) -> str:
     """Register ``target`` ("module:function", called with ``args`` on each of ``world`` ranks) as ``name``.
 
     The function runs inside a default process group of ``world`` ranks and returns what the
     test reads (anything ``json`` writes). With ``folder``, it gets that folder of the run (made
     before the ranks start, shared by the scenarios that name it) as its first argument; the
-    test finds it with :func:`folder`. Test modules register at import, so the session's spawn
-    knows every scenario before the first test asks. Returns ``name``.
+    test finds it with :func:`folder`. The environment names the rank, the world and a free port
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``) as torchrun does, and is reset after
+    the scenario. With ``group=False`` the function gets no process group: the code under test (a
+    Lightning strategy, say) starts it from that environment, as in a job torchrun or SLURM started. Test
+    modules register at import, so the session's spawn knows every scenario before the first
+    test asks. Returns ``name``.
     """
-    if SCENARIOS.get(name, (world, target, args, folder)) != (world, target, args, folder):
+    registered = (world, target, args, folder, group)
+    if SCENARIOS.get(name, registered) != registered:
         raise ValueError(
             f"gloo scenario {name!r} is registered already as {SCENARIOS[name]}: give this one another name"
         )
-    SCENARIOS[name] = (world, target, args, folder)
+    SCENARIOS[name] = registered
     return name
 
 
 def run(
-    rank: int, ranks: int, port: int, run_folder: str, scenarios: list[tuple[str, int, str, tuple, str | None]]
+    rank: int, ranks: int, port: int, run_folder: str, scenarios: list[tuple[str, int, str, tuple, str | None, bool]]
 ) -> None:
     """One spawned rank: each scenario of a world above this rank, in a fresh process group, its result to a file.
 
@@ -72,18 +79,24 @@ def run(
     """
     faulthandler.dump_traceback_later(TIMEOUT_S - 20, exit=True)  # a hung rank prints where it hangs, then exits
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # where the groups meet, as torchrun would say
     collective = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     store = dist.TCPStore("127.0.0.1", port, ranks, rank == 0, timeout=timedelta(seconds=TIMEOUT_S))  # rank 0 serves
-    for index, (name, world, target, args, own_folder) in enumerate(scenarios):
+    environment = dict(os.environ)
+    for index, (name, world, target, args, own_folder, group) in enumerate(scenarios):
         if rank >= world:
             continue
         # every rank of the scenario is here (one that gave the last one up first waits for the others): a fresh group
+        if rank == 0:  # the port a group the scenario starts itself meets on (the store holds `port`)
+            store.set(f"port/{index}", str(free_port()))
         store.set(f"arrived/{index}/{rank}", "")
         store.wait([f"arrived/{index}/{peer}" for peer in range(world)], timedelta(seconds=TIMEOUT_S))
+        os.environ.clear()  # what one scenario set (a rank's variables, say) is not the next one's environment
+        os.environ.update(environment, MASTER_ADDR="127.0.0.1", MASTER_PORT=store.get(f"port/{index}").decode())
+        os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0")  # as torchrun
         try:
-            group_store = dist.PrefixStore(str(index), store)
-            dist.init_process_group("gloo", store=group_store, rank=rank, world_size=world, timeout=collective)
+            if group:
+                group_store = dist.PrefixStore(str(index), store)
+                dist.init_process_group("gloo", store=group_store, rank=rank, world_size=world, timeout=collective)
             try:
                 module, function = target.split(":")
                 call = getattr(importlib.import_module(module), function)  # a rank imports only what it runs
@@ -91,7 +104,8 @@ def run(
                 written = {"result": call(*lead, *args)}
             finally:
                 gc.collect()  # DDP and pipeline objects die while their process group is alive
-                dist.destroy_process_group()
+                if dist.is_initialized():  # ours, or the one the scenario's code started
+                    dist.destroy_process_group()
         except Exception:
             written = {"error": traceback.format_exc()}
         path = Path(run_folder, f"{name}.rank{rank}.json")
@@ -126,6 +140,7 @@ def folder(name: str) -> Path:
 def spawn() -> dict[str, Any]:
     """Spawn the ranks of the largest world once; run every registered scenario, largest world first."""
     run_folder = tempfile.mkdtemp(prefix="gloo_ranks-")
+    atexit.register(shutil.rmtree, run_folder, True)  # the session's results and checkpoints go with the session
     order = sorted(SCENARIOS.items(), key=lambda item: -item[1][0])  # stable: registration order within a size
     scenarios = [(name, *registered) for name, registered in order]
     for own_folder in {registered[3] for registered in SCENARIOS.values()} - {None}:

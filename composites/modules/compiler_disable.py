@@ -19,9 +19,11 @@ def compiler_disable(*, recursive: bool = True) -> Callable[[F], F]:
     torch applies to its own functions for the same reason): the wrapper lives in a file Dynamo
     never traces, so a compiled caller breaks its graph at the call, as at a disabled function,
     and its first call builds ``torch.compiler.disable(fn, recursive)`` and runs that. So under
-    ``torch.compile`` nothing changes: the same graphs, graph breaks and recompiles, and with
+    ``torch.compile`` the graphs, graph breaks and recompiles are the same, and with
     ``recursive=False`` the function's own frame is still skipped while what it calls (a branch
-    the user compiled) still compiles. Eagerly, the call costs one attribute lookup more.
+    the user compiled) still compiles. What differs is the reason Dynamo's graph-break log gives:
+    a function in ``torch/_compile.py`` marked as skipped, not a ``torch.compiler.disable``'d one.
+    Eagerly, the call costs one attribute lookup more.
 
     Example:
         >>> @compiler_disable(recursive=False)

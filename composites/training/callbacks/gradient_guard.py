@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ...guard import STARVED_AFTER, GradientFlowError, GradientGuard, GuardReport
 from ..epoch_logging import step_is_logged
-from ..guard_modes import guard_mode
+from ..guard_modes import GUARD_MODES, GuardMode, guard_mode  # noqa: F401 (their import path before guard_modes.py)
 from ..packages import check_same_package, spans_processes
 from .non_finite import NonFinitePolicy, NonFiniteStepsError, refuse_non_finite_checkpoint
 

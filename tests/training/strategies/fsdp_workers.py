@@ -1,7 +1,8 @@
 """The two-rank gloo FSDP2 scenarios, run by ``tests.gloo_ranks``'s spawned ranks (so importable).
 
 Each rank runs Lightning with ``FSDP2Strategy`` as a process Lightning did not start (the
-environment names its rank, as torchrun or SLURM would), in the process group the scenario got.
+environment names its rank and where the group meets, as torchrun or SLURM would). In the first
+scenario Lightning starts the process group itself; the later ones run in the group the scenario got.
 """
 
 from __future__ import annotations
@@ -188,6 +189,5 @@ def verdict(scenario: str, out: Path) -> dict[str, Any]:
 
 def run(out_dir: str, scenario: str) -> dict[str, Any]:
     """This rank's verdict of ``scenario``, its runs under ``out_dir``; the environment says what torchrun would."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS="1")
+    os.environ["OMP_NUM_THREADS"] = "1"
     return verdict(scenario, Path(out_dir))

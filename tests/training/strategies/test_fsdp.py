@@ -13,7 +13,11 @@ from tests import gloo_ranks
 # the session's one spawn of gloo ranks runs them, in this order (tests.gloo_ranks); each fails only its own tests
 SCENARIOS = ("healthy", "resume", "one_rank", "detached", "accumulation", "non_finite")  # resume reads healthy's run
 for _scenario in SCENARIOS:
-    gloo_ranks.scenario(f"fsdp-{_scenario}", 2, "tests.training.strategies.fsdp_workers:run", _scenario, folder="fsdp")
+    # the first without a process group: Lightning's FSDP2Strategy starts it, as in a job torchrun or SLURM started
+    first = _scenario == SCENARIOS[0]
+    gloo_ranks.scenario(
+        f"fsdp-{_scenario}", 2, "tests.training.strategies.fsdp_workers:run", _scenario, folder="fsdp", group=not first
+    )
 
 
 def both(scenario: str) -> tuple[dict, dict]:
