@@ -162,14 +162,20 @@ def test_a_bert_pooler_left_out_of_the_loss_is_not_in_loss():
     assert found == {"pooler.dense.weight": "not_in_loss", "pooler.dense.bias": "not_in_loss"}
 
 
+# the tiny speech encoder both wav2vec2 and WavLM are built with: TEXT's transformer behind a two-layer conv front end
+SPEECH = dict(
+    **{k: TEXT[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")},
+    conv_dim=(8, 8),
+    conv_stride=(5, 2),
+    conv_kernel=(10, 3),
+    num_conv_pos_embeddings=4,
+    num_conv_pos_embedding_groups=2,
+)
+
+
 def wav2vec2(layerdrop: float) -> nn.Module:
     config = T.Wav2Vec2Config(
-        **{k: TEXT[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")},
-        conv_dim=(8, 8),
-        conv_stride=(5, 2),
-        conv_kernel=(10, 3),
-        num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2,
+        **SPEECH,
         mask_time_prob=0.05,
         layerdrop=layerdrop,
     )
@@ -304,12 +310,7 @@ def test_nllb_moe_with_every_decoder_layer_dropped_calls_the_encoder_not_in_loss
 
 def wavlm() -> nn.Module:
     config = T.WavLMConfig(
-        **{k: TEXT[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")},
-        conv_dim=(8, 8),
-        conv_stride=(5, 2),
-        conv_kernel=(10, 3),
-        num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2,
+        **SPEECH,
         num_buckets=8,
         max_bucket_distance=16,
         mask_time_prob=0.0,
